@@ -1,0 +1,150 @@
+"""Checkpoints that cannot be half-written.
+
+A checkpoint is a directory `checkpoints/step_XXXXXXXX/` holding accelerate's state (weights,
+optimizer, RNG states of every rank, or DeepSpeed's engine shards), `trainer_state.json` (step,
+tokens, the tracker's run id, the recipe fingerprint, the world size) and, written last,
+`MANIFEST.json` with every file's size and sha256. It is written under a temporary name and renamed
+into place only when complete, so a directory named `step_*` with a valid manifest is always whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+MANIFEST = "MANIFEST.json"
+STATE = "trainer_state.json"
+PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or used; the message says what to do."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(directory: Path) -> None:
+    """Hash every file, fsync them, then write the manifest (itself fsynced) last."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+        _fsync_path(path)
+        rel = path.relative_to(directory).as_posix()
+        files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    tmp = directory / (MANIFEST + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump({"files": files}, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, directory / MANIFEST)
+
+
+def verify(directory: Path) -> str | None:
+    """None when the checkpoint is whole, else what is wrong with it."""
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return "no MANIFEST.json (the save never finished)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as err:
+        return f"unreadable MANIFEST.json ({err})"
+    for rel, meta in files.items():
+        path = directory / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != meta["size"]:
+            return f"{rel} has {path.stat().st_size} bytes, the manifest says {meta['size']}"
+        if sha256_file(path) != meta["sha256"]:
+            return f"{rel} fails its sha256 checksum (corrupt)"
+    if STATE not in files:
+        return f"no {STATE}"
+    return None
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(
+        (p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)),
+        key=lambda p: int(p.name[len(PREFIX) :]),
+    )
+
+
+def find_latest_valid(root: Path, log: Callable[[str], None] | None = None) -> Path | None:
+    """The newest whole checkpoint; broken ones are skipped with a loud warning naming them."""
+    for path in reversed(list_checkpoints(root)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        message = f"skipping checkpoint {path}: {problem}; falling back to an older one"
+        warnings.warn(message, stacklevel=2)
+        if log:
+            log(message)
+    return None
+
+
+def read_state(directory: Path) -> dict:
+    return json.loads((directory / STATE).read_text())
+
+
+def check_free_space(root: Path, needed_bytes: int) -> None:
+    free = shutil.disk_usage(root if root.exists() else root.parent).free
+    if needed_bytes and free < needed_bytes * 1.1:
+        raise CheckpointError(
+            f"not enough disk space to save a checkpoint in {root}: {free / 2**30:.2f} GiB free, "
+            f"the last checkpoint took {needed_bytes / 2**30:.2f} GiB. Free space or lower "
+            "`train.keep_last`; the previous checkpoint is intact."
+        )
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def tmp_dir_for(root: Path, step: int) -> Path:
+    return root / f"{TMP_PREFIX}{checkpoint_name(step)}"
+
+
+def commit(root: Path, step: int, keep_last: int) -> Path:
+    """Manifest, rename into place, then (only then) delete checkpoints beyond `keep_last`."""
+    tmp = tmp_dir_for(root, step)
+    final = root / checkpoint_name(step)
+    write_manifest(tmp)
+    if final.exists():
+        shutil.rmtree(final)  # a re-save of the same step (e.g. signal right after a save)
+    os.replace(tmp, final)
+    _fsync_path(root)
+    for old in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def clean_stale_tmp(root: Path) -> None:
+    """Leftovers of a save that was killed; never mistaken for checkpoints, removed on start."""
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(TMP_PREFIX):
+                shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,223 @@
+"""The `distill` command. Heavy libraries are imported inside each command, so `--help` is fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.path=value",
+        help="override any recipe field, e.g. stages.distilled.train.lr=1e-3 data.seq_len=256",
+    )
+    p.add_argument("--output-dir", help="write here instead of the recipe's output_dir")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distill",
+        description="Distill, prune and quantize language models, from a YAML recipe.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run every stage of a recipe (finished stages are skipped)")
+    _add_recipe_args(p)
+    p.add_argument("--max-steps", type=int, help="cap every training stage at N steps (dry run)")
+    p.add_argument(
+        "--force-resume",
+        action="store_true",
+        help="resume from a checkpoint even if it was written with other settings",
+    )
+
+    p = sub.add_parser("check", help="validate a recipe and print it fully resolved")
+    _add_recipe_args(p)
+
+    p = sub.add_parser("eval", help="held-out perplexity (and optional latency) of a model dir")
+    p.add_argument("model_dir")
+    p.add_argument("--recipe", required=True, help="recipe whose data and held-out split to use")
+    p.add_argument("--output-dir", help="the recipe run's output dir (for its tokenizer and data)")
+    p.add_argument("--latency", action="store_true", help="also time 128-token generation")
+
+    p = sub.add_parser("prune", help="prune a model directory and save the result")
+    p.add_argument("model_dir")
+    p.add_argument("--out", required=True, help="where to save the pruned model")
+    p.add_argument(
+        "--method", required=True, choices=["magnitude", "wanda", "nm", "width", "depth"]
+    )
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--scope", choices=["layer", "global"], default="layer")
+    p.add_argument("--n", type=int, default=2)
+    p.add_argument("--m", type=int, default=4)
+    p.add_argument("--scoring", choices=["magnitude", "wanda"], default="wanda")
+    p.add_argument("--heads-fraction", type=float, default=0.25)
+    p.add_argument("--mlp-fraction", type=float, default=0.25)
+    p.add_argument("--layers", help="depth: a count, or comma-separated 0-based layer indices")
+    p.add_argument(
+        "--calibration",
+        help="text file(s) or glob for calibration activations (wanda, nm with wanda, width, depth)",
+    )
+    p.add_argument("--calibration-batches", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+
+    p = sub.add_parser("bench", help="throughput, MFU and peak memory of a recipe's training step")
+    _add_recipe_args(p)
+    p.add_argument("--stage", help="the training stage to measure (default: first distill stage)")
+    p.add_argument("--steps", type=int, default=5, help="measured steps per path")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--paths", default="chunked,naive", help="loss paths to compare")
+    p.add_argument("--json", dest="json_path", help="also write the results as JSON here")
+
+    p = sub.add_parser("report", help="rewrite report.md/png from a run's summary.json")
+    p.add_argument("output_dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may stand before or after options (`run R --max-steps 3 a.b=1`); argparse alone
+    # stops collecting positionals at the first option.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from distill.config import RecipeError
+
+    try:
+        return COMMANDS[args.command](args)
+    except RecipeError as err:
+        print(f"distill: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+
+
+def _load(args):
+    from distill.config import load_recipe
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    return load_recipe(args.recipe, overrides)
+
+
+def cmd_run(args) -> int:
+    from distill.checkpoint import CheckpointError
+    from distill.pipeline import run_recipe
+    from distill.trainer import EXIT_PREEMPTED, StopRequested, TrainingDiverged
+
+    recipe = _load(args)
+    try:
+        entries = run_recipe(recipe, max_steps=args.max_steps, force_resume=args.force_resume)
+    except StopRequested as stop:
+        print(
+            f"distill: stopped by signal; checkpoint {stop.checkpoint}. Run the same command "
+            f"again to resume (exit code {EXIT_PREEMPTED}).",
+            file=sys.stderr,
+        )
+        return EXIT_PREEMPTED
+    except CheckpointError as err:
+        print(f"distill: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TrainingDiverged as err:
+        print(f"distill: error: {err}", file=sys.stderr)
+        return 1
+    out = recipe.resolved_output_dir
+    print(
+        f"done: {len(entries)} stages; summary {out / 'summary.json'}, report {out / 'report.md'}"
+    )
+    return 0
+
+
+def cmd_check(args) -> int:
+    from distill.config import recipe_to_yaml
+
+    recipe = _load(args)
+    print(recipe_to_yaml(recipe), end="")
+    print(f"# recipe OK: {len(recipe.stages)} stages", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from distill.config import load_recipe
+    from distill.evaluate import generate_latency_s, heldout_metrics
+    from distill.models import count_params, dir_size_bytes, load_pretrained
+    from distill.pipeline import RunContext, prepare_tokenizer_and_data
+
+    overrides = [f"output_dir={args.output_dir}"] if args.output_dir else []
+    recipe = load_recipe(args.recipe, overrides)
+    ctx = RunContext(recipe, recipe.resolved_output_dir)
+    from distill.pipeline import make_accelerator
+
+    ctx.accelerator = make_accelerator(1)
+    prepare_tokenizer_and_data(ctx)
+    quant_meta = os.path.join(args.model_dir, "quantization.json")
+    if os.path.isfile(quant_meta):
+        from distill.quantize import load_quantized
+
+        model = load_quantized(args.model_dir)
+    else:
+        model = load_pretrained(args.model_dir, what="model to evaluate")
+    metrics = heldout_metrics(model, ctx.data.eval, recipe.eval.batch_size, len(ctx.tokenizer))
+    result = {
+        "model_dir": args.model_dir,
+        "params": count_params(model),
+        "size_bytes": dir_size_bytes(args.model_dir),
+        **metrics,
+    }
+    if args.latency:
+        result["latency_s"] = generate_latency_s(model, ctx.data.eval[:1, :16], 128)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from distill.cli_prune import run_prune_command
+
+    return run_prune_command(args)
+
+
+def cmd_bench(args) -> int:
+    from distill.bench import run_bench_command
+
+    return run_bench_command(args)
+
+
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from distill.evaluate import write_report
+
+    out = Path(args.output_dir)
+    summary = out / "summary.json"
+    if not summary.is_file():
+        from distill.config import RecipeError
+
+        raise RecipeError(f"{summary} does not exist; give the output dir of a `distill run`")
+    entries = json.loads(summary.read_text())["stages"]
+    print(write_report(out, out.name, entries))
+    return 0
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "check": cmd_check,
+    "eval": cmd_eval,
+    "prune": cmd_prune,
+    "bench": cmd_bench,
+    "report": cmd_report,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

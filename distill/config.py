@@ -1,0 +1,715 @@
+"""The typed recipe: YAML in, validated dataclass-like models out.
+
+Every setting has one declared home here, with its default and a one-line doc. Loading fails before
+any model is built, with one message that names the key, the value, what is allowed and, for a
+misspelt key, the closest valid key.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import glob
+import hashlib
+import json
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+LOGIT_LOSS_KINDS = (
+    "forward_kl",
+    "reverse_kl",
+    "jsd",
+    "skew_kl",
+    "skew_reverse_kl",
+    "tv",
+    "logit_mse",
+)
+TRAINING_KINDS = ("train", "distill", "qat")
+
+
+class RecipeError(ValueError):
+    """A recipe (or an override) that cannot run; the message says what to change."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and tokenizer
+
+
+class ModelSpec(Section):
+    """Where a model comes from: a local directory or hub id (`path`), or a config (`config`)."""
+
+    path: str | None = None
+    """Local directory or hub id loaded with AutoModelForCausalLM.from_pretrained."""
+    config: dict[str, Any] | None = None
+    """A transformers config (`model_type` plus fields) for a model trained from scratch."""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Weights dtype when loaded; training math follows `train.precision`."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub repo (only for repos you trust)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `path` is a hub id."""
+    attn_implementation: str | None = "sdpa"
+    """Attention kernel passed to transformers (sdpa, eager, flash_attention_2)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (student only)."""
+    lora: LoraSpec | None = None
+    """Train PEFT LoRA adapters instead of all weights (student only)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.path is None) == (self.config is None):
+            raise ValueError(
+                "give exactly one of `path` (a local directory or hub id) or `config` "
+                "(a transformers config with `model_type`)"
+            )
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("`config` needs a `model_type` (for example `llama` or `qwen2`)")
+        return self
+
+
+class LoraSpec(Section):
+    r: int = Field(16, gt=0)
+    """Adapter rank."""
+    alpha: float = Field(32.0, gt=0)
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt, or `all-linear`."""
+    merge_on_save: bool = True
+    """Merge adapters into the weights when the stage's model is exported."""
+
+
+ModelSpec.model_rebuild()
+
+
+class TokenizerTrainSpec(Section):
+    vocab_size: int = Field(4096, ge=260, le=1_000_000)
+    """Byte-level BPE vocabulary size, special tokens included."""
+    min_frequency: int = Field(2, ge=1)
+    max_chars: int = Field(50_000_000, gt=0)
+    """Train on at most this many characters of the training split."""
+
+
+class TokenizerSpec(Section):
+    """Where the tokenizer comes from: the first model's path, a path, or trained by the recipe."""
+
+    source: Literal["model", "path", "train"] = "model"
+    path: str | None = None
+    """Tokenizer directory or hub id when `source: path`."""
+    train: TokenizerTrainSpec = TokenizerTrainSpec()
+
+    @model_validator(mode="after")
+    def _path_given(self) -> TokenizerSpec:
+        if self.source == "path" and not self.path:
+            raise ValueError("`source: path` needs `path` (a tokenizer directory or hub id)")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+class DataSpec(Section):
+    """Text to train and evaluate on: exactly one of `stdlib`, `files`, `hub`."""
+
+    stdlib: bool = False
+    """Use the Python standard library's own .py sources found on this machine (no download)."""
+    files: list[str] | None = None
+    """Text/JSON/JSONL/Parquet/CSV files or globs, or one `datasets.save_to_disk` directory."""
+    hub: str | None = None
+    """A hub dataset id for `datasets.load_dataset`."""
+    hub_config: str | None = None
+    split: str = "train"
+    """Split of a hub or saved dataset to read."""
+    format: Literal["auto", "text", "json", "parquet", "csv", "disk"] = "auto"
+    """How to read `files`; auto picks by extension."""
+    text_field: str = "text"
+    """Column holding the text in JSON/Parquet/CSV/hub data."""
+    seq_len: int = Field(128, ge=8)
+    """Tokens per packed block."""
+    eval_fraction: float = Field(0.035, gt=0, lt=1)
+    """Fraction of documents held out, chosen by a stable hash of each document's id."""
+    eval_max_blocks: int = Field(256, gt=0)
+    """Evaluate on at most this many held-out blocks."""
+    max_documents: int | None = Field(None, gt=0)
+    """Read at most this many documents (in sorted order; for quick runs)."""
+    stdlib_exclude: list[str] = [
+        "test",
+        "tests",
+        "site-packages",
+        "idlelib",
+        "lib2to3",
+        "turtledemo",
+        "tkinter",
+        "ensurepip",
+    ]
+    """Top-level stdlib folders left out (tests and vendored code)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        given = [k for k in ("stdlib", "files", "hub") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one data source of `stdlib: true`, `files: [...]`, `hub: <id>`; got "
+                f"{given or 'none'}"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Objective
+
+
+class LogitTermSpec(Section):
+    kind: Literal[LOGIT_LOSS_KINDS]  # type: ignore[valid-type]
+    """Divergence between teacher and student token distributions."""
+    weight: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    """Softening temperature; the term is scaled by T² so gradient size stays comparable."""
+    beta: float = Field(0.5, ge=0, le=1)
+    """Generalized JSD mixing weight (0 = forward KL, 1 = reverse KL)."""
+    alpha: float = Field(0.1, ge=0, le=1)
+    """Skew KL mixing weight (0 = plain KL)."""
+
+
+class HiddenLossSpec(Section):
+    kind: Literal["mse", "cosine"] = "mse"
+    weight: float = Field(1.0, ge=0)
+    layer_map: Literal["uniform"] | list[tuple[int, int]] = "uniform"
+    """`uniform`, or explicit [student_layer, teacher_layer] pairs (0-based)."""
+    projection: bool = True
+    """Learn a linear map student width -> teacher width when they differ."""
+
+
+class ObjectiveSpec(Section):
+    ce_weight: float = Field(0.5, ge=0)
+    """Weight of next-token cross-entropy on the labels."""
+    terms: list[LogitTermSpec] = [LogitTermSpec(kind="forward_kl", weight=0.5)]
+    """Logit-distillation terms, summed with their weights."""
+    hidden: HiddenLossSpec | None = None
+    """Intermediate-layer loss; off when absent."""
+    chunk_size: int = Field(1024, gt=0)
+    """Tokens per chunk of the memory-efficient loss (memory O(chunk x vocab))."""
+    path: Literal["chunked", "naive"] = "chunked"
+    """`naive` materialises full logits (a reference; slow and memory hungry)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+class TrainSpec(Section):
+    max_steps: int = Field(100, gt=0)
+    """Optimizer steps."""
+    batch_size: int = Field(8, gt=0)
+    """Sequences per micro-batch per process."""
+    grad_accum: int = Field(1, gt=0)
+    """Micro-batches per optimizer step."""
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Final lr as a fraction of `lr` (cosine and linear)."""
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    """Fraction of `max_steps` with linear warm-up."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float = Field(1.0, ge=0)
+    """Clip the global gradient norm (0 = off)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Autocast precision for forward passes."""
+    eval_every: int = Field(0, ge=0)
+    """Evaluate on the held-out split every N steps (0 = only at the end)."""
+    eval_batches: int | None = Field(None, gt=0)
+    """Cap on held-out batches for periodic evals (the final eval uses all `data.eval_max_blocks`)."""
+    log_every: int = Field(10, gt=0)
+    save_every: int = Field(0, ge=0)
+    """Save a checkpoint every N steps (0 = only when stopped by a signal and at the end)."""
+    keep_last: int = Field(2, ge=2)
+    """Checkpoints kept; older ones are deleted only after a newer one is committed."""
+    resume: Literal["auto", "never"] | str = "auto"
+    """`auto` = newest valid checkpoint of the stage, `never`, or a checkpoint directory."""
+    max_bad_steps: int = Field(5, gt=0)
+    """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
+    seed: int | None = None
+    """Seed for this stage (default: the recipe's seed)."""
+
+
+class TeacherRef(Section):
+    model: str
+    """A previous stage's name or a key of `models`."""
+    placement: Literal["auto", "replicate", "zero3"] = "auto"
+    """Under DeepSpeed: a full frozen copy per device, or partitioned as an inference ZeRO-3 engine."""
+    max_memory_fraction: float = Field(0.5, gt=0, le=1)
+    """`auto` replicates when the teacher's weights fit in this fraction of device memory."""
+
+
+def _teacher_from_string(value: Any) -> Any:
+    return {"model": value} if isinstance(value, str) else value
+
+
+class PruneSpec(Section):
+    method: Literal["magnitude", "wanda", "nm", "width", "depth"]
+    sparsity: float = Field(0.5, gt=0, lt=1)
+    """Target fraction of zero weights (magnitude, wanda)."""
+    scope: Literal["layer", "global"] = "layer"
+    """Rank weights within each matrix or across all prunable matrices (magnitude)."""
+    n: int = Field(2, gt=0)
+    """N of N:M: weights kept per group."""
+    m: int = Field(4, gt=1)
+    """M of N:M: group size."""
+    scoring: Literal["magnitude", "wanda"] = "wanda"
+    """Score used by N:M pruning."""
+    heads_fraction: float = Field(0.25, ge=0, lt=1)
+    """Width: fraction of attention heads (whole KV groups) removed."""
+    mlp_fraction: float = Field(0.25, ge=0, lt=1)
+    """Width: fraction of MLP channels removed."""
+    layers: int | list[int] | None = None
+    """Depth: how many layers to remove (ranked), or the explicit 0-based indices."""
+    calibration_batches: int = Field(8, gt=0)
+    """Training batches used to collect activation statistics."""
+
+    @model_validator(mode="after")
+    def _nm(self) -> PruneSpec:
+        if self.n >= self.m:
+            raise ValueError(f"N:M needs n < m; got n={self.n}, m={self.m} (2:4 is the usual)")
+        if self.method == "depth" and self.layers is None:
+            raise ValueError(
+                "`method: depth` needs `layers`: a count to remove or a list of indices"
+            )
+        return self
+
+
+class QuantSpec(Section):
+    bits: int = Field(4, ge=2, le=8)
+    """Weight bits."""
+    group_size: int | None = 32
+    """Weights per scale; null = one scale per output channel."""
+    symmetric: bool = True
+    activations: Literal["int8_dynamic"] | None = None
+    """Also fake-quantize activations per token to int8."""
+    exclude: list[str] = ["lm_head"]
+    """Linear layers (name patterns) left in full precision; embeddings are never quantized."""
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int | None) -> int | None:
+        if v is not None and v not in (16, 32, 64, 128, 256):
+            raise ValueError(f"group_size must be one of 16, 32, 64, 128, 256 or null; got {v}")
+        return v
+
+
+class EvalSpec(Section):
+    batch_size: int = Field(16, gt=0)
+    latency: bool = False
+    """Also time greedy generation of `latency_tokens` tokens on CPU."""
+    latency_tokens: int = Field(128, gt=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+
+
+class StageBase(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Unique stage name; also its output folder."""
+    model: str
+    """The model this stage starts from: a previous stage's name or a key of `models`."""
+    eval: EvalSpec | None = None
+    """Overrides the recipe's `eval` for this stage."""
+
+
+class TrainingStageBase(StageBase):
+    train: TrainSpec = TrainSpec()
+
+
+class TrainStage(TrainingStageBase):
+    kind: Literal["train"]
+
+
+class DistillStage(TrainingStageBase):
+    kind: Literal["distill"]
+    teacher: Annotated[TeacherRef, Field()]
+    objective: ObjectiveSpec = ObjectiveSpec()
+    keep_sparsity: bool | Literal["auto"] = "auto"
+    """Keep pruned weights at zero (auto: when the student comes from a prune stage)."""
+
+    _teacher = field_validator("teacher", mode="before")(_teacher_from_string)
+
+
+class PruneStage(StageBase):
+    kind: Literal["prune"]
+    prune: PruneSpec
+
+
+class PtqStage(StageBase):
+    kind: Literal["ptq"]
+    quant: QuantSpec = QuantSpec()
+
+
+class QatStage(TrainingStageBase):
+    kind: Literal["qat"]
+    quant: QuantSpec = QuantSpec()
+    teacher: TeacherRef | None = None
+    """Full-precision teacher (default: the model this stage starts from)."""
+    objective: ObjectiveSpec = ObjectiveSpec(
+        ce_weight=0.0, terms=[LogitTermSpec(kind="forward_kl", weight=1.0)]
+    )
+    fake_quant_after: int = Field(0, ge=0)
+    """Train this many steps in full precision before fake quantization starts."""
+
+    _teacher = field_validator("teacher", mode="before")(_teacher_from_string)
+
+
+class ConvertStage(StageBase):
+    kind: Literal["convert"]
+    quant: QuantSpec | None = None
+    """Scheme to convert to (default: the scheme of the `qat`/`ptq` stage named in `model`)."""
+
+
+Stage = Annotated[
+    Union[TrainStage, DistillStage, PruneStage, PtqStage, QatStage, ConvertStage],  # noqa: UP007
+    Field(discriminator="kind"),
+]
+
+
+class WandbSpec(Section):
+    project: str = "distill"
+    entity: str | None = None
+    name: str | None = None
+    """Run name (default: recipe name and stage)."""
+    mode: Literal["online", "offline", "disabled"] = "disabled"
+    tags: list[str] = []
+
+
+class TrackingSpec(Section):
+    wandb: WandbSpec = WandbSpec()
+
+
+class Recipe(Section):
+    """A whole job: data, tokenizer, models and the stages that turn them into a small model."""
+
+    name: str = "run"
+    output_dir: str = "runs/${name}"
+    """Where every stage writes; `${name}` is replaced by the recipe's name."""
+    seed: int = 0
+    data: DataSpec
+    tokenizer: TokenizerSpec = TokenizerSpec()
+    models: dict[str, ModelSpec]
+    """Named starting points. A stage's `model`/`teacher` names an earlier stage (its output model)
+    or, when no earlier stage has that name, one of these."""
+    train: dict[str, Any] = {}
+    """Defaults merged into every training stage's `train` block."""
+    eval: EvalSpec = EvalSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    stages: list[Stage]
+
+    @field_validator("train")
+    @classmethod
+    def _train_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if key not in TrainSpec.model_fields:
+                close = difflib.get_close_matches(key, list(TrainSpec.model_fields), n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ValueError(
+                    f"unknown key {key!r}.{hint} Allowed: {', '.join(TrainSpec.model_fields)}"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _references(self) -> Recipe:
+        seen: list[str] = []
+        for i, stage in enumerate(self.stages):
+            if stage.name in seen:
+                raise ValueError(f"stages.{i}.name: stage name {stage.name!r} is used twice")
+            refs = [("model", stage.model)]
+            teacher = getattr(stage, "teacher", None)
+            if teacher is not None:
+                refs.append(("teacher.model", teacher.model))
+            for key, ref in refs:
+                if ref not in seen and ref not in self.models:
+                    allowed = list(dict.fromkeys(seen + list(self.models)))
+                    close = difflib.get_close_matches(ref, allowed, n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    raise ValueError(
+                        f"stages.{i}.{key}: {ref!r} is neither an earlier stage nor a key of "
+                        f"`models` (allowed: {', '.join(allowed) or 'none'}){hint}"
+                    )
+            seen.append(stage.name)
+        return self
+
+    @property
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir.replace("${name}", self.name))
+
+    def stage(self, name: str) -> Any:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+    def fingerprint(self, *parts: Any) -> str:
+        """A stable hash of JSON-serialisable settings (for skipping finished stages)."""
+        blob = json.dumps(parts, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides, error messages
+
+
+def load_recipe(
+    path: str | os.PathLike | None,
+    overrides: list[str] | None = None,
+    raw: dict | None = None,
+) -> Recipe:
+    """Read a YAML recipe, apply `key.path=value` overrides, merge train defaults, validate."""
+    if raw is None:
+        path = Path(path)  # type: ignore[arg-type]
+        if not path.is_file():
+            raise RecipeError(f"recipe file {str(path)!r} does not exist; give the path to a .yaml")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise RecipeError(f"recipe {str(path)!r} must be a mapping of keys to values")
+    raw = copy.deepcopy(raw)
+    for item in overrides or []:
+        apply_override(raw, item)
+    try:
+        # defaults are checked alone first: one error, not one per stage they are merged into
+        Recipe._train_keys(raw.get("train") or {})
+    except ValueError as err:
+        raise RecipeError(f"invalid recipe (1 problem):\n  train: {err}") from None
+    merged = _merge_train_defaults(raw)
+    try:
+        recipe = Recipe.model_validate(merged)
+    except ValidationError as err:
+        raise RecipeError(format_validation_error(err, merged)) from None
+    check_paths(recipe)
+    return recipe
+
+
+def _merge_train_defaults(raw: dict) -> dict:
+    defaults = raw.get("train") or {}
+    if not isinstance(defaults, dict):
+        return raw
+    out = dict(raw)
+    stages = []
+    for stage in raw.get("stages") or []:
+        if isinstance(stage, dict) and stage.get("kind") in TRAINING_KINDS:
+            stage = dict(stage)
+            stage["train"] = {**defaults, **(stage.get("train") or {})}
+        stages.append(stage)
+    if "stages" in raw:
+        out["stages"] = stages
+    return out
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set `a.b.0.c=value` in the raw recipe; the value is parsed as YAML (numbers, lists...)."""
+    if "=" not in item:
+        raise RecipeError(f"override {item!r} must look like key.path=value (e.g. train.lr=3e-4)")
+    key, value_text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(value_text) if value_text else None
+    except yaml.YAMLError:
+        value = value_text
+    parts = key.strip().split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            node_index = _stage_index(node, part)
+            if node_index is None:
+                raise RecipeError(
+                    f"override {key!r}: {where!r} needs a list index 0..{len(node) - 1}"
+                    + (" or a stage name" if node and isinstance(node[0], dict) else "")
+                )
+            if last:
+                node[node_index] = value
+            else:
+                node = node[node_index]
+            continue
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {key!r}: {'.'.join(parts[:depth])!r} is not a mapping")
+        if last:
+            node[part] = value
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+
+
+def _stage_index(items: list, part: str) -> int | None:
+    if part.lstrip("-").isdigit():
+        index = int(part)
+        return index if -len(items) <= index < len(items) else None
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and item.get("name") == part:
+            return i
+    return None
+
+
+def format_validation_error(err: ValidationError, raw: dict) -> str:
+    lines = [f"invalid recipe ({err.error_count()} problem{'s' * (err.error_count() > 1)}):"]
+    for e in err.errors():
+        loc = _clean_loc(e["loc"], raw)
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        value = e.get("input")
+        if e["type"] == "extra_forbidden":
+            allowed = sorted(_fields_at(Recipe, loc[:-1], raw))
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.5)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            lines.append(
+                f"  {where}: unknown key.{hint} Allowed keys here: {', '.join(allowed) or 'none'}."
+            )
+        elif e["type"] == "missing":
+            lines.append(f"  {where}: required key is missing.")
+        elif e["type"] == "union_tag_invalid" or e["type"] == "union_tag_not_found":
+            lines.append(
+                f"  {where}: stage `kind` must be one of train, distill, prune, ptq, qat, convert;"
+                f" got {_short(value)}."
+            )
+        elif not loc:
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = "" if isinstance(value, dict) else f" (got {_short(value)})"
+            lines.append(f"  {where}: {msg}{got}.")
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) < 80 else text[:77] + "..."
+
+
+def _clean_loc(loc: tuple, raw: dict) -> list:
+    """Drop pydantic's union-tag and type-name parts so the path reads like the YAML."""
+    out: list = []
+    node: Any = raw
+    expect_tag = False
+    for part in loc:
+        if expect_tag and isinstance(node, dict) and part == node.get("kind"):
+            expect_tag = False
+            continue
+        expect_tag = False
+        if isinstance(node, dict) and part in node:
+            out.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            out.append(part)
+            node = node[part]
+            expect_tag = isinstance(node, dict) and "kind" in node
+        elif isinstance(part, str) and ("[" in part or part.startswith("function-")):
+            continue
+        else:
+            out.append(part)
+            node = None
+    return out
+
+
+def _fields_at(model: Any, loc: list, raw: Any) -> list[str]:
+    """The keys allowed at `loc` in the recipe, found by walking the model classes."""
+    target: Any = model
+    node = raw
+    for part in loc:
+        target = _unwrap(target, node)
+        if isinstance(target, type) and issubclass(target, BaseModel):
+            field = target.model_fields.get(str(part))
+            target = field.annotation if field else None
+        else:
+            origin = typing.get_origin(target)
+            args = typing.get_args(target)
+            target = args[-1] if origin in (list, dict) and args else None
+        node = node[part] if isinstance(node, (dict, list)) and _has(node, part) else None
+    target = _unwrap(target, node)
+    if isinstance(target, type) and issubclass(target, BaseModel):
+        return list(target.model_fields)
+    return []
+
+
+def _has(node: Any, part: Any) -> bool:
+    if isinstance(node, dict):
+        return part in node
+    return isinstance(part, int) and part < len(node)
+
+
+def _unwrap(target: Any, node: Any) -> Any:
+    """Reduce Optional/Union/Annotated to the member that matches the raw node."""
+    while True:
+        origin = typing.get_origin(target)
+        if origin is Annotated:
+            target = typing.get_args(target)[0]
+            continue
+        if origin in (Union, types.UnionType):
+            members = [a for a in typing.get_args(target) if a is not type(None)]
+            kind = node.get("kind") if isinstance(node, dict) else None
+            models = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+            for m in models:
+                tag = m.model_fields.get("kind")
+                if (
+                    kind is not None
+                    and tag is not None
+                    and typing.get_args(tag.annotation) == (kind,)
+                ):
+                    return m
+            target = models[0] if models else members[0]
+            continue
+        return target
+
+
+LOCAL_PREFIXES = ("/", "./", "../", "~")
+
+
+def looks_local(path: str) -> bool:
+    """A path that can only mean a local directory (a hub id is `name` or `org/name`)."""
+    return path.startswith(LOCAL_PREFIXES) or path.count("/") > 1 or os.path.exists(path)
+
+
+def check_paths(recipe: Recipe) -> None:
+    """Missing local files fail now, not after a teacher has trained for an hour."""
+    problems = []
+    for name, spec in recipe.models.items():
+        if (
+            spec.path
+            and looks_local(spec.path)
+            and not os.path.isdir(os.path.expanduser(spec.path))
+        ):
+            problems.append(
+                f"  models.{name}.path: directory {spec.path!r} does not exist; give a model "
+                "directory saved with save_pretrained, or a hub id like `org/name`."
+            )
+    tok = recipe.tokenizer
+    if (
+        tok.source == "path"
+        and tok.path
+        and looks_local(tok.path)
+        and not os.path.isdir(os.path.expanduser(tok.path))
+    ):
+        problems.append(f"  tokenizer.path: directory {tok.path!r} does not exist.")
+    for i, pattern in enumerate(recipe.data.files or []):
+        expanded = os.path.expanduser(pattern)
+        if not glob.glob(expanded, recursive=True):
+            problems.append(
+                f"  data.files.{i}: {pattern!r} matches no file; check the path or glob "
+                "(relative paths are relative to the current directory)."
+            )
+    if problems:
+        raise RecipeError("invalid recipe:\n" + "\n".join(problems))
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

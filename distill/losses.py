@@ -1,0 +1,851 @@
+"""Distillation objectives: logit divergences, cross-entropy and hidden-state losses.
+
+Everything here is a pure function of tensors (plus one small ``nn.Module`` holding the learned
+hidden-state projections). Conventions shared by every function:
+
+- Inputs are flattened and aligned: row ``i`` of the student hidden states (after the final norm)
+  predicts ``labels[i]``; ``labels == -100`` marks rows that contribute nothing to any term.
+- Losses return SUMS over valid tokens plus the valid-token count; the training loop divides by the
+  global token count so gradient accumulation and data parallelism weigh every token equally.
+- Head weights are ``[V_rows, H]`` (no bias). Rows at index ``>= vocab_size`` are padding (Qwen pads
+  151,936 tokens to 152,064 rows) and are sliced off; student and teacher may be padded differently.
+- Softmax and divergence math runs in float32 (float64 when the inputs are float64), whatever the
+  dtype of the heads (a bf16 teacher head is fine).
+
+Logit-term conventions:
+
+- ``total = sum over valid tokens of ce_weight * CE + sum_k weight_k * T_k**2 * term_k``. CE is always
+  at temperature 1 on the student's logits. The T**2 factor keeps gradient magnitudes comparable across
+  temperatures (Hinton et al.); it is applied to every kind, including ``tv`` and ``logit_mse``.
+- ``logit_mse`` is the mean over the vocabulary of ``(z_s / T - z_t / T)**2``; with the T**2 factor the
+  contribution to ``total`` is the plain logit MSE, independent of T (only the logged, unweighted term
+  shrinks by 1/T**2).
+- ``jsd`` follows TRL's ``generalized_jsd_loss``: with ``M = beta * P_teacher + (1 - beta) * Q_student``,
+  ``JSD_beta = beta * KL(P || M) + (1 - beta) * KL(Q || M)`` for ``0 < beta < 1``, and the endpoints are
+  defined as the two KLs: ``beta == 0`` gives forward ``KL(P || Q)``, ``beta == 1`` reverse
+  ``KL(Q || P)``. The interior is not continuous with them: ``JSD_beta / beta -> KL(P || Q)`` as
+  ``beta -> 0`` and ``JSD_beta / (1 - beta) -> KL(Q || P)`` as ``beta -> 1``.
+- ``skew_kl`` is ``KL(P || alpha P + (1 - alpha) Q)`` and ``skew_reverse_kl`` is
+  ``KL(Q || alpha Q + (1 - alpha) P)`` (DistiLLM); ``alpha == 0`` is the plain KL, ``alpha == 1`` is 0.
+- ``tv`` is ``0.5 * sum |P - Q|``.
+
+Top-k teacher (an offline cache): see :func:`topk_bucket_logprobs` for the tail-mass treatment.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from numbers import Integral
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+LOGIT_LOSS_KINDS = (
+    "forward_kl",
+    "reverse_kl",
+    "jsd",
+    "skew_kl",
+    "skew_reverse_kl",
+    "tv",
+    "logit_mse",
+)
+HIDDEN_LOSS_KINDS = ("mse", "cosine")
+
+
+@dataclass(frozen=True)
+class LogitTerm:
+    """One weighted logit-distillation term of the objective."""
+
+    kind: str
+    """One of LOGIT_LOSS_KINDS."""
+    weight: float = 1.0
+    """Multiplies ``T**2 * term`` in the total; must be >= 0."""
+    temperature: float = 1.0
+    """Softmax temperature T applied to both student and teacher; must be > 0."""
+    beta: float = 0.5
+    """``jsd`` only: 0 gives KL(teacher || student), 1 gives KL(student || teacher) (TRL convention)."""
+    alpha: float = 0.1
+    """``skew_kl`` / ``skew_reverse_kl`` only: skew of the mixture, in [0, 1]; 0 is the plain KL."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in LOGIT_LOSS_KINDS:
+            raise ValueError(
+                f"unknown logit loss kind {self.kind!r}; use one of {', '.join(LOGIT_LOSS_KINDS)}"
+            )
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(
+                f"{self.kind}: temperature must be a finite number > 0, got {self.temperature}; "
+                "use 1.0 for no softening (typical KD values are 1 to 4)"
+            )
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(
+                f"{self.kind}: weight must be a finite number >= 0, got {self.weight}; "
+                "use 0 to log a term without training on it"
+            )
+        for name in ("beta", "alpha"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{self.kind}: {name} must be in [0, 1], got {value}")
+
+
+@dataclass
+class ObjectiveOutput:
+    """Result of a logit objective: sums over valid tokens, not means."""
+
+    total: torch.Tensor
+    """Differentiable scalar: sum over valid tokens of ce_weight*CE + sum_k weight_k*T_k**2*term_k."""
+    terms: dict[str, torch.Tensor]
+    """Detached, unweighted per-term sums over valid tokens: "ce" and one key per term."""
+    num_tokens: torch.Tensor
+    """int64 scalar: number of valid (label != -100) tokens."""
+
+
+# --------------------------------------------------------------------------------------------
+# Per-token losses. Each takes logits [N, V] of student and teacher and returns [N] in float32
+# (float64 for float64 inputs). Log-probabilities are valid logits too, which is how the top-k
+# path reuses these functions on its (k + 1)-bucket distributions.
+# --------------------------------------------------------------------------------------------
+
+
+def _math_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (bf16/fp16 heads are upcast)."""
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def _tempered_logprobs(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = _math_dtype(student_logits, teacher_logits)
+    student = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    return student, teacher
+
+
+def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) per row from log-probabilities, with 0 * log 0 = 0.
+
+    The ``where`` sits on the log-ratio, not on the product, so rows where ``a`` is exactly 0 give a
+    zero gradient instead of ``0 * inf = nan`` in backward.
+    """
+    a = log_a.exp()
+    return (a * torch.where(a > 0, log_a - log_b, 0.0)).sum(-1)
+
+
+def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(weight_a * a + (1 - weight_a) * b); the endpoints are exact (no log 0)."""
+    if weight_a == 0.0:
+        return log_b
+    if weight_a == 1.0:
+        return log_a
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def forward_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """KL(P_teacher || Q_student) per token at temperature T."""
+    student, teacher = _tempered_logprobs(student_logits, teacher_logits, temperature)
+    return _kl(teacher, student)
+
+
+def reverse_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """KL(Q_student || P_teacher) per token at temperature T."""
+    student, teacher = _tempered_logprobs(student_logits, teacher_logits, temperature)
+    return _kl(student, teacher)
+
+
+def jsd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """Generalized JSD per token (TRL convention, see the module docstring).
+
+    ``M = beta * P + (1 - beta) * Q``; ``beta * KL(P || M) + (1 - beta) * KL(Q || M)``;
+    ``beta == 0`` is defined as KL(P || Q) and ``beta == 1`` as KL(Q || P).
+    """
+    student, teacher = _tempered_logprobs(student_logits, teacher_logits, temperature)
+    if beta == 0.0:
+        return _kl(teacher, student)
+    if beta == 1.0:
+        return _kl(student, teacher)
+    mixture = _log_mixture(teacher, student, beta)
+    return beta * _kl(teacher, mixture) + (1.0 - beta) * _kl(student, mixture)
+
+
+def skew_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    alpha: float = 0.1,
+) -> torch.Tensor:
+    """Skew KL (DistiLLM) per token: KL(P || alpha * P + (1 - alpha) * Q)."""
+    student, teacher = _tempered_logprobs(student_logits, teacher_logits, temperature)
+    return _kl(teacher, _log_mixture(teacher, student, alpha))
+
+
+def skew_reverse_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    alpha: float = 0.1,
+) -> torch.Tensor:
+    """Skew reverse KL (DistiLLM) per token: KL(Q || alpha * Q + (1 - alpha) * P)."""
+    student, teacher = _tempered_logprobs(student_logits, teacher_logits, temperature)
+    return _kl(student, _log_mixture(student, teacher, alpha))
+
+
+def tv(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Total variation distance per token: 0.5 * sum |P - Q| at temperature T."""
+    student, teacher = _tempered_logprobs(student_logits, teacher_logits, temperature)
+    return 0.5 * (student.exp() - teacher.exp()).abs().sum(-1)
+
+
+def logit_mse(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Mean over the vocabulary of (z_s / T - z_t / T)**2 per token (raw logits, not log-probs)."""
+    dtype = _math_dtype(student_logits, teacher_logits)
+    diff = (student_logits.to(dtype) - teacher_logits.to(dtype)) / temperature
+    return diff.square().mean(-1)
+
+
+LOGIT_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": jsd,
+    "skew_kl": skew_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+    "tv": tv,
+    "logit_mse": logit_mse,
+}
+
+# The LogitTerm fields, beyond temperature, that each kind's function takes.
+_KIND_PARAMS = {"jsd": ("beta",), "skew_kl": ("alpha",), "skew_reverse_kl": ("alpha",)}
+
+
+def term_per_token(
+    term: LogitTerm, student_logits: torch.Tensor, teacher_logits: torch.Tensor
+) -> torch.Tensor:
+    """The unweighted per-token value [N] of one term (no T**2, no weight)."""
+    params = {name: getattr(term, name) for name in _KIND_PARAMS.get(term.kind, ())}
+    return LOGIT_LOSSES[term.kind](student_logits, teacher_logits, term.temperature, **params)
+
+
+def objective_term_names(terms: Sequence[LogitTerm]) -> list[str]:
+    """Keys of ``ObjectiveOutput.terms``: "ce", then each kind, suffixed _1, _2... if repeated."""
+    counts = Counter(term.kind for term in terms)
+    seen: Counter[str] = Counter()
+    names = ["ce"]
+    for term in terms:
+        if counts[term.kind] > 1:
+            seen[term.kind] += 1
+            names.append(f"{term.kind}_{seen[term.kind]}")
+        else:
+            names.append(term.kind)
+    return names
+
+
+def topk_bucket_logprobs(
+    student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_indices: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coarse-grain both distributions onto the teacher's top-k tokens plus one tail bucket.
+
+    The cache holds the teacher's top-k log-probabilities at temperature 1. Both distributions are
+    mapped, at temperature 1, onto k + 1 buckets: the k cached token ids and a "tail" bucket holding
+    all remaining mass. Teacher: ``log p_i`` for the k ids, tail ``1 - sum_i p_i`` (floored at the
+    dtype's machine epsilon, since the cache's rounding makes smaller values noise and a zero would
+    make reverse divergences infinite). Student: its exact full-vocabulary log-softmax at the k ids
+    and the logsumexp of its other logits as the tail. The returned [N, k + 1] log-probabilities are
+    then treated as the logits of a (k + 1)-way distribution by every loss kind, so temperature T
+    tempers buckets (the tail acts as one token: weight ``tail ** (1 / T)``), identically for both
+    sides. Consequences: identical teacher and student give exactly 0 at every T; at T = 1 each
+    divergence is the exact divergence between the coarse-grained distributions (a lower bound of the
+    full-vocabulary one). The top-k ids of a row must be distinct (as ``torch.topk`` gives).
+    """
+    dtype = _math_dtype(student_logits, teacher_logprobs)
+    logits = student_logits.to(dtype)
+    log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
+    student_top = logits.gather(-1, teacher_indices) - log_normalizer
+    # A finite fill (not -inf) keeps the tail's gradient finite even when k covers the vocabulary.
+    outside_topk = logits.scatter(-1, teacher_indices, torch.finfo(dtype).min)
+    student_tail = torch.logsumexp(outside_topk, dim=-1, keepdim=True) - log_normalizer
+    student_tail = student_tail.clamp_min(math.log(torch.finfo(dtype).tiny))
+
+    teacher_top = teacher_logprobs.to(dtype)
+    teacher_tail_mass = -torch.expm1(torch.logsumexp(teacher_top, dim=-1, keepdim=True))
+    teacher_tail = teacher_tail_mass.clamp_min(torch.finfo(dtype).eps).log()
+    return torch.cat([student_top, student_tail], -1), torch.cat([teacher_top, teacher_tail], -1)
+
+
+def _objective_on_rows(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    terms: Sequence[LogitTerm],
+    ce_weight: float,
+    teacher_logits: torch.Tensor | None,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weighted total, detached [1 + len(terms)] unweighted sums) over rows that are all valid.
+
+    Shared by the naive and the chunked path: they differ in how logits and gradients are produced,
+    not in the math.
+    """
+    dtype = _math_dtype(student_logits)
+    ce = F.cross_entropy(student_logits.to(dtype), labels, reduction="sum")
+    if teacher_topk is not None:
+        student_dist, teacher_dist = topk_bucket_logprobs(student_logits, *teacher_topk)
+    else:
+        student_dist, teacher_dist = student_logits, teacher_logits
+    term_sums = [term_per_token(term, student_dist, teacher_dist).sum() for term in terms]
+    total = ce_weight * ce
+    for term, term_sum in zip(terms, term_sums):
+        total = total + term.weight * term.temperature**2 * term_sum
+    return total, torch.stack([ce, *term_sums]).detach().to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks shared by both paths. Errors name the value and the fix.
+# --------------------------------------------------------------------------------------------
+
+
+def _check_terms(terms: Sequence[LogitTerm], ce_weight: float, teacher: str | None) -> None:
+    """``teacher`` is "logits", "topk" or None."""
+    for term in terms:
+        if not isinstance(term, LogitTerm):
+            raise ValueError(f"terms must be LogitTerm instances, got {term!r}")
+    if not (math.isfinite(ce_weight) and ce_weight >= 0):
+        raise ValueError(f"ce_weight must be a finite number >= 0, got {ce_weight}")
+    if terms and teacher is None:
+        raise ValueError(
+            f"logit terms {[term.kind for term in terms]} need a teacher: pass teacher_hidden and "
+            "teacher_head_weight (or teacher_logits), or teacher_topk; for CE-only training pass "
+            "terms=()"
+        )
+    if teacher == "topk" and any(term.kind == "logit_mse" for term in terms):
+        raise ValueError(
+            "logit_mse needs the teacher's full logits, but only top-k log-probabilities were "
+            "given (teacher_topk); use a divergence kind (forward_kl, reverse_kl, jsd, skew_kl, "
+            "skew_reverse_kl, tv) with a teacher cache, or run the teacher online"
+        )
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if not isinstance(chunk_size, Integral) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+
+
+def _resolve_vocab(vocab_size: int | None, student_rows: int, teacher_rows: int | None) -> int:
+    """Number of real vocabulary rows; head rows at index >= this are padding."""
+    if vocab_size is None:
+        if teacher_rows is not None and teacher_rows != student_rows:
+            raise ValueError(
+                f"student head has {student_rows} rows and teacher head {teacher_rows}; pass "
+                "vocab_size=len(tokenizer) so the padding rows of both are ignored"
+            )
+        return student_rows
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, Integral) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+    rows = (
+        {"student": student_rows}
+        if teacher_rows is None
+        else {
+            "student": student_rows,
+            "teacher": teacher_rows,
+        }
+    )
+    for side, side_rows in rows.items():
+        if vocab_size > side_rows:
+            raise ValueError(
+                f"vocab_size={vocab_size} exceeds the {side} head's {side_rows} rows; pass the "
+                "tokenizer length shared by both models (heads may only be padded, not shorter)"
+            )
+    return int(vocab_size)
+
+
+def _check_labels(labels: torch.Tensor, num_rows: int, what: str) -> None:
+    if labels.dim() != 1 or labels.shape[0] != num_rows:
+        raise ValueError(
+            f"labels must be [N] = [{num_rows}] to match {what}, got {list(labels.shape)}; "
+            "flatten [B, S] labels and the hidden states the same way"
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor (int64), got {labels.dtype}")
+
+
+def _check_topk(
+    teacher_topk: tuple[torch.Tensor, torch.Tensor], num_rows: int, vocab: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
+        raise ValueError("teacher_topk must be a tuple (logprobs [N, k], indices [N, k])")
+    logprobs, indices = teacher_topk
+    if logprobs.dim() != 2 or logprobs.shape != indices.shape or logprobs.shape[0] != num_rows:
+        raise ValueError(
+            f"teacher_topk logprobs {list(logprobs.shape)} and indices {list(indices.shape)} must "
+            f"both be [N, k] with N = {num_rows} rows aligned with labels"
+        )
+    if not logprobs.dtype.is_floating_point or indices.dtype.is_floating_point:
+        raise ValueError(
+            f"teacher_topk must be (float logprobs, integer indices), got ({logprobs.dtype}, "
+            f"{indices.dtype})"
+        )
+    k = logprobs.shape[1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"teacher_topk has k={k}; k must be in [1, vocab_size={vocab}]")
+    return logprobs, indices
+
+
+def _check_index_range(name: str, index: torch.Tensor, vocab: int, fix: str) -> None:
+    """One host sync; out-of-range ids would otherwise be a device assert or silent padding reads."""
+    if index.numel() == 0:
+        return
+    low, high = torch.stack([index.min(), index.max()]).tolist()
+    if low < 0 or high >= vocab:
+        raise ValueError(
+            f"{name} must be in [0, {vocab}) on valid tokens, got values in [{low}, {high}]; {fix}"
+        )
+
+
+def _valid_rows(labels: torch.Tensor) -> torch.Tensor:
+    """Indices of valid rows (one host sync). Working on these only skips masked tokens entirely."""
+    return (labels != IGNORE_INDEX).nonzero().squeeze(1)
+
+
+def _make_output(
+    total: torch.Tensor, sums: torch.Tensor, terms: Sequence[LogitTerm], rows: torch.Tensor
+) -> ObjectiveOutput:
+    names = objective_term_names(terms)
+    return ObjectiveOutput(
+        total=total,
+        terms={name: sums[i] for i, name in enumerate(names)},
+        num_tokens=torch.tensor(rows.numel(), dtype=torch.int64, device=rows.device),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The naive reference: full [N, V] logits, plain autograd.
+# --------------------------------------------------------------------------------------------
+
+
+def naive_logit_objective(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    terms: Sequence[LogitTerm],
+    ce_weight: float,
+    teacher_logits: torch.Tensor | None = None,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    vocab_size: int | None = None,
+) -> ObjectiveOutput:
+    """Full-vocabulary reference of :func:`chunked_logit_objective` (same semantics).
+
+    Holds [N, V] logits and several float32 copies: for tests and the benchmark's baseline only.
+    """
+    terms = tuple(terms)
+    if teacher_logits is not None and teacher_topk is not None:
+        raise ValueError("pass either teacher_logits or teacher_topk, not both")
+    teacher = (
+        "logits" if teacher_logits is not None else "topk" if teacher_topk is not None else None
+    )
+    _check_terms(terms, ce_weight, teacher)
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must be [N, V], got {list(student_logits.shape)}")
+    num_rows = student_logits.shape[0]
+    _check_labels(labels, num_rows, "student_logits")
+    if teacher_logits is not None and (
+        teacher_logits.dim() != 2 or teacher_logits.shape[0] != num_rows
+    ):
+        raise ValueError(
+            f"teacher_logits must be [N, V] with N = {num_rows}, got {list(teacher_logits.shape)}"
+        )
+    teacher_rows = teacher_logits.shape[1] if teacher_logits is not None else None
+    vocab = _resolve_vocab(vocab_size, student_logits.shape[1], teacher_rows)
+
+    rows = _valid_rows(labels)
+    valid_labels = labels.index_select(0, rows).long()
+    _check_index_range("labels", valid_labels, vocab, "labels must be token ids or -100")
+    student = student_logits[:, :vocab].index_select(0, rows)
+    teacher_logits_valid = None
+    if teacher_logits is not None:
+        teacher_logits_valid = teacher_logits[:, :vocab].index_select(0, rows).detach()
+    topk_valid = None
+    if teacher_topk is not None:
+        logprobs, indices = _check_topk(teacher_topk, num_rows, vocab)
+        topk_valid = (logprobs.index_select(0, rows).detach(), indices.index_select(0, rows).long())
+        _check_index_range(
+            "teacher_topk indices",
+            topk_valid[1],
+            vocab,
+            "was the cache written with the same tokenizer?",
+        )
+    total, sums = _objective_on_rows(
+        student, valid_labels, terms, float(ce_weight), teacher_logits_valid, topk_valid
+    )
+    return _make_output(total, sums, terms, rows)
+
+
+# --------------------------------------------------------------------------------------------
+# The chunked path: loss and gradient computed together in the forward, chunk by chunk.
+# --------------------------------------------------------------------------------------------
+
+
+class _ChunkedLogitObjective(torch.autograd.Function):
+    """Fused head + objective over valid rows (Liger-style fused linear loss).
+
+    Forward walks the rows in chunks; per chunk it applies both heads, computes the objective with
+    autograd on the chunk's logits only, and turns d(loss)/d(logits) into the chunk's share of the
+    hidden-state and head-weight gradients right away. Only one chunk's [C, V] tensors are ever alive.
+    Backward just scales the stored gradients by grad_output.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        teacher_hidden: torch.Tensor | None,
+        teacher_weight: torch.Tensor | None,
+        teacher_logprobs: torch.Tensor | None,
+        teacher_indices: torch.Tensor | None,
+        terms: tuple[LogitTerm, ...],
+        ce_weight: float,
+        chunk_size: int,
+        need_hidden_grad: bool,
+        need_weight_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Accumulate in float32 (float64 for float64 heads) even when the head is bf16: summing
+        # many chunks' weight gradients in bf16 would lose precision.
+        acc_dtype = _math_dtype(weight)
+        total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
+        sums = torch.zeros(1 + len(terms), dtype=acc_dtype, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden) if need_hidden_grad else None
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+            if need_weight_grad
+            else None
+        )
+        need_grad = need_hidden_grad or need_weight_grad
+
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = min(start + chunk_size, hidden.shape[0])
+            chunk_hidden = hidden[start:end].to(weight.dtype)
+            teacher_logits = topk = None
+            if teacher_hidden is not None:
+                teacher_logits = (
+                    teacher_hidden[start:end].to(teacher_weight.dtype) @ teacher_weight.T
+                )
+            if teacher_logprobs is not None:
+                topk = (teacher_logprobs[start:end], teacher_indices[start:end])
+            # The logits are a leaf: autograd below stops here and the head matmuls are done by hand.
+            logits = (chunk_hidden @ weight.T).requires_grad_(need_grad)
+            with torch.enable_grad():
+                chunk_total, chunk_sums = _objective_on_rows(
+                    logits, labels[start:end], terms, ce_weight, teacher_logits, topk
+                )
+            if need_grad:
+                (grad_logits,) = torch.autograd.grad(chunk_total, logits)
+                if need_hidden_grad:
+                    grad_hidden[start:end] = grad_logits @ weight
+                if need_weight_grad:
+                    if grad_logits.dtype == acc_dtype:
+                        grad_weight.addmm_(grad_logits.T, chunk_hidden)
+                    else:
+                        grad_weight += (grad_logits.T @ chunk_hidden).to(acc_dtype)
+            total += chunk_total.detach()
+            sums += chunk_sums
+
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.mark_non_differentiable(sums)
+        return total, sums
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor, _grad_sums: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+        return (grad_hidden, grad_weight) + (None,) * 10
+
+
+def chunked_logit_objective(
+    student_hidden: torch.Tensor,
+    student_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    terms: Sequence[LogitTerm],
+    ce_weight: float,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_head_weight: torch.Tensor | None = None,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int = 1024,
+) -> ObjectiveOutput:
+    """CE plus logit-distillation terms from hidden states, never holding [N, V] logits.
+
+    ``student_hidden`` [N, Hs] (after the final norm), ``student_head_weight`` [Vs_rows, Hs],
+    ``labels`` [N] with -100 for masked rows. Teacher: ``teacher_hidden`` [N, Ht] with
+    ``teacher_head_weight`` [Vt_rows, Ht] (no gradient), or ``teacher_topk`` = (logprobs [N, k] at
+    T = 1, indices [N, k]), or neither (CE only: ``terms`` must be empty). Rows of either head at
+    index >= ``vocab_size`` are ignored. Masked rows are dropped up front (one host sync), so only
+    valid tokens cost compute; peak extra memory is O(chunk_size x vocab_size). Gradients reach
+    ``student_hidden`` and ``student_head_weight`` (when they require grad) only.
+    """
+    terms = tuple(terms)
+    has_teacher_head = teacher_hidden is not None or teacher_head_weight is not None
+    if has_teacher_head and (teacher_hidden is None or teacher_head_weight is None):
+        raise ValueError("pass teacher_hidden and teacher_head_weight together (or teacher_topk)")
+    if has_teacher_head and teacher_topk is not None:
+        raise ValueError(
+            "pass either teacher_hidden + teacher_head_weight or teacher_topk, not both"
+        )
+    teacher = "logits" if has_teacher_head else "topk" if teacher_topk is not None else None
+    _check_terms(terms, ce_weight, teacher)
+    _check_chunk_size(chunk_size)
+    if student_hidden.dim() != 2 or student_head_weight.dim() != 2:
+        raise ValueError(
+            f"student_hidden must be [N, H] and student_head_weight [V, H], got "
+            f"{list(student_hidden.shape)} and {list(student_head_weight.shape)}; flatten [B, S, H]"
+        )
+    if student_hidden.shape[1] != student_head_weight.shape[1]:
+        raise ValueError(
+            f"student hidden width {student_hidden.shape[1]} does not match the student head's "
+            f"{student_head_weight.shape[1]} columns; pass the student's own lm_head weight"
+        )
+    num_rows = student_hidden.shape[0]
+    _check_labels(labels, num_rows, "student_hidden")
+    teacher_rows = None
+    if has_teacher_head:
+        if (
+            teacher_hidden.dim() != 2
+            or teacher_head_weight.dim() != 2
+            or (
+                teacher_hidden.shape[0] != num_rows
+                or teacher_hidden.shape[1] != teacher_head_weight.shape[1]
+            )
+        ):
+            raise ValueError(
+                f"teacher_hidden must be [N, Ht] with N = {num_rows} and teacher_head_weight "
+                f"[V, Ht], got {list(teacher_hidden.shape)} and {list(teacher_head_weight.shape)}"
+            )
+        teacher_rows = teacher_head_weight.shape[0]
+    vocab = _resolve_vocab(vocab_size, student_head_weight.shape[0], teacher_rows)
+
+    rows = _valid_rows(labels)
+    valid_labels = labels.index_select(0, rows).long()
+    _check_index_range("labels", valid_labels, vocab, "labels must be token ids or -100")
+    # index_select is differentiable: autograd scatters the valid rows' gradient back, zeros elsewhere.
+    hidden = student_hidden.index_select(0, rows)
+    weight = student_head_weight[:vocab]
+    teacher_hidden_valid = teacher_weight = logprobs = indices = None
+    if has_teacher_head:
+        teacher_hidden_valid = teacher_hidden.detach().index_select(0, rows)
+        teacher_weight = teacher_head_weight.detach()[:vocab]
+    if teacher_topk is not None:
+        logprobs, indices = _check_topk(teacher_topk, num_rows, vocab)
+        logprobs = logprobs.detach().index_select(0, rows)
+        indices = indices.index_select(0, rows).long()
+        _check_index_range(
+            "teacher_topk indices", indices, vocab, "was the cache written with the same tokenizer?"
+        )
+    grad_enabled = torch.is_grad_enabled()
+    total, sums = _ChunkedLogitObjective.apply(
+        hidden,
+        weight,
+        valid_labels,
+        teacher_hidden_valid,
+        teacher_weight,
+        logprobs,
+        indices,
+        terms,
+        float(ce_weight),
+        int(chunk_size),
+        grad_enabled and hidden.requires_grad,
+        grad_enabled and weight.requires_grad,
+    )
+    return _make_output(total, sums, terms, rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Hidden-state losses and layer mapping. Layer indices are 0-based: layer i's output is
+# Hugging Face's hidden_states[i + 1] (hidden_states[0] is the embedding output).
+# --------------------------------------------------------------------------------------------
+
+
+def _check_layer_counts(num_student_layers: int, num_teacher_layers: int) -> None:
+    for name, value in (("student", num_student_layers), ("teacher", num_teacher_layers)):
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+            raise ValueError(f"number of {name} layers must be an integer >= 1, got {value!r}")
+
+
+def uniform_layer_map(num_student_layers: int, num_teacher_layers: int) -> list[tuple[int, int]]:
+    """Student layer i <-> teacher layer round((i + 1) * Lt / Ls) - 1, 0-based; last <-> last.
+
+    Rounds half up (floor(x + 0.5)), computed exactly in integers, not Python's banker's round:
+    (24, 28) maps student 8 to teacher 10 (10.5 -> 11), where round() would give 9. A student deeper
+    than its teacher maps its first layers to teacher layer 0.
+    """
+    _check_layer_counts(num_student_layers, num_teacher_layers)
+    ls, lt = int(num_student_layers), int(num_teacher_layers)
+    # floor((i + 1) * lt / ls + 1/2) == floor((2 * (i + 1) * lt + ls) / (2 * ls))
+    return [(i, max((2 * (i + 1) * lt + ls) // (2 * ls) - 1, 0)) for i in range(ls)]
+
+
+def resolve_layer_map(
+    spec: str | Sequence[Sequence[int]], num_student_layers: int, num_teacher_layers: int
+) -> list[tuple[int, int]]:
+    """``"uniform"`` or explicit ``[[student_layer, teacher_layer], ...]`` pairs (0-based)."""
+    _check_layer_counts(num_student_layers, num_teacher_layers)
+    if isinstance(spec, str):
+        if spec == "uniform":
+            return uniform_layer_map(num_student_layers, num_teacher_layers)
+        raise ValueError(
+            f"objective.hidden.layer_map {spec!r} is not known; use 'uniform' or a list of "
+            "[student_layer, teacher_layer] pairs (0-based)"
+        )
+    ranges = (
+        f"valid student layers are 0..{num_student_layers - 1} and teacher layers "
+        f"0..{num_teacher_layers - 1} (0-based: layer i is hidden_states[i + 1])"
+    )
+    pairs = []
+    for pair in spec:
+        is_pair = isinstance(pair, Sequence) and not isinstance(pair, str) and len(pair) == 2
+        if not is_pair or not all(
+            isinstance(x, Integral) and not isinstance(x, bool) for x in pair
+        ):
+            raise ValueError(
+                f"objective.hidden.layer_map entry {pair!r} is not a [student_layer, teacher_layer] "
+                f"pair of integers; {ranges}"
+            )
+        student_layer, teacher_layer = int(pair[0]), int(pair[1])
+        if not (
+            0 <= student_layer < num_student_layers and 0 <= teacher_layer < num_teacher_layers
+        ):
+            raise ValueError(
+                f"objective.hidden.layer_map pair [{student_layer}, {teacher_layer}] is out of "
+                f"range: {ranges}; fix the pair or use 'uniform'"
+            )
+        pairs.append((student_layer, teacher_layer))
+    if not pairs:
+        raise ValueError(
+            "objective.hidden.layer_map is empty; give at least one [student_layer, teacher_layer] "
+            "pair, use 'uniform', or disable the hidden-state loss"
+        )
+    return pairs
+
+
+class HiddenProjections(nn.Module):
+    """Learned ``nn.Linear(student_width, teacher_width)`` per mapped pair; identity if widths match.
+
+    These are trainable parameters: the optimizer and checkpoints must include them.
+    """
+
+    def __init__(
+        self,
+        layer_map: Sequence[tuple[int, int]],
+        student_width: int,
+        teacher_width: int,
+        enabled: bool = True,
+    ) -> None:
+        super().__init__()
+        self.layer_map = [(int(s), int(t)) for s, t in layer_map]
+        self.student_width = int(student_width)
+        self.teacher_width = int(teacher_width)
+        if self.student_width != self.teacher_width and not enabled:
+            raise ValueError(
+                f"student hidden width {self.student_width} differs from teacher width "
+                f"{self.teacher_width}, so hidden states cannot be compared directly; set "
+                "`objective.hidden.projection: true` to learn a linear projection per layer pair"
+            )
+        widths_differ = self.student_width != self.teacher_width
+        self.projections = (
+            nn.ModuleList(nn.Linear(self.student_width, self.teacher_width) for _ in self.layer_map)
+            if widths_differ
+            else nn.ModuleList()
+        )
+
+    def forward(self, student_state: torch.Tensor, pair_index: int) -> torch.Tensor:
+        """Map a student state [..., Hs] of pair ``pair_index`` to the teacher's width."""
+        if len(self.projections) == 0:
+            return student_state
+        projection = self.projections[pair_index]
+        return projection(student_state.to(projection.weight.dtype))
+
+
+def hidden_state_loss(
+    student_states: Sequence[torch.Tensor],
+    teacher_states: Sequence[torch.Tensor],
+    layer_map: Sequence[tuple[int, int]],
+    projections: HiddenProjections,
+    kind: str,
+    mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum, num_valid_tokens) of a hidden-state loss over mapped layer pairs.
+
+    ``student_states[i]`` / ``teacher_states[j]`` are layer outputs [B, S, H] by 0-based layer index
+    (``outputs.hidden_states[1:]``); ``mask`` [B, S] is True on tokens to match. Per token and pair:
+    ``"mse"`` is the mean over the teacher's hidden dim of (project(s) - t)**2, ``"cosine"`` is
+    1 - cos(project(s), t). The sum runs over valid tokens AND pairs (so it grows with the number of
+    pairs); the count is of tokens only. Math in float32 (float64 for float64 states); the teacher
+    states get no gradient.
+    """
+    if kind not in HIDDEN_LOSS_KINDS:
+        raise ValueError(
+            f"unknown hidden loss kind {kind!r}; use one of {', '.join(HIDDEN_LOSS_KINDS)}"
+        )
+    layer_map = [(int(s), int(t)) for s, t in layer_map]
+    if projections.projections and layer_map != projections.layer_map:
+        raise ValueError(
+            "layer_map differs from the one the HiddenProjections were built with; build them "
+            "from the same resolved layer map"
+        )
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be [B, S], got {list(mask.shape)}")
+    mask = mask if mask.dtype == torch.bool else mask != 0
+    total = None
+    for pair_index, (student_layer, teacher_layer) in enumerate(layer_map):
+        if not (
+            0 <= student_layer < len(student_states) and 0 <= teacher_layer < len(teacher_states)
+        ):
+            raise ValueError(
+                f"layer pair [{student_layer}, {teacher_layer}] is out of range for "
+                f"{len(student_states)} student and {len(teacher_states)} teacher layer outputs; "
+                "pass hidden_states[1:] of each model and a layer map from resolve_layer_map"
+            )
+        student = student_states[student_layer]
+        teacher = teacher_states[teacher_layer]
+        if student.shape[:-1] != mask.shape or teacher.shape[:-1] != mask.shape:
+            raise ValueError(
+                f"layer pair [{student_layer}, {teacher_layer}]: states {list(student.shape)} and "
+                f"{list(teacher.shape)} must be [B, S, H] with [B, S] = {list(mask.shape)} (mask)"
+            )
+        dtype = _math_dtype(student)
+        projected = projections(student[mask], pair_index).to(dtype)
+        target = teacher[mask].detach().to(dtype)
+        if projected.shape[-1] != target.shape[-1]:
+            raise ValueError(
+                f"layer pair [{student_layer}, {teacher_layer}]: projected student width "
+                f"{projected.shape[-1]} != teacher width {target.shape[-1]}; build "
+                "HiddenProjections with the teacher's hidden size"
+            )
+        if kind == "mse":
+            per_token = (projected - target).square().mean(-1)
+        else:
+            per_token = 1.0 - F.cosine_similarity(projected, target, dim=-1)
+        total = per_token.sum() if total is None else total + per_token.sum()
+    if total is None:
+        raise ValueError("layer_map is empty; use resolve_layer_map to build it")
+    return total, mask.sum().to(torch.int64)

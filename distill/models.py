@@ -1,0 +1,204 @@
+"""Loading teachers and students (path, hub id or config), and the checks that a teacher and a
+student can be distilled into one another at all: same tokenizer, heads that cover it, a sequence
+length the model supports."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from distill.config import ModelSpec, RecipeError, looks_local
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str):
+    return "auto" if name == "auto" else DTYPES[name]
+
+
+def build_model(spec: ModelSpec, tokenizer, seed: int, what: str):
+    """A causal LM from `spec`: loaded from a path/hub id, or freshly initialised from a config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if spec.config is not None:
+        fields = dict(spec.config)
+        model_type = fields.pop("model_type")
+        fields.setdefault("vocab_size", len(tokenizer))
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            fields.setdefault(key, getattr(tokenizer, key, None))
+        try:
+            config = AutoConfig.for_model(model_type, **fields)
+        except (ValueError, KeyError, TypeError) as err:
+            raise RecipeError(f"models.{what}.config: transformers rejects it: {err}") from err
+        if spec.attn_implementation:
+            config._attn_implementation = spec.attn_implementation
+        # Seeded here so the same recipe always starts from the same weights.
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+        if spec.dtype not in ("auto", "float32"):
+            model = model.to(DTYPES[spec.dtype])
+        return model
+    return load_pretrained(
+        spec.path,
+        what=what,
+        dtype=spec.dtype,
+        trust_remote_code=spec.trust_remote_code,
+        revision=spec.revision,
+        attn_implementation=spec.attn_implementation,
+    )
+
+
+def load_pretrained(
+    path: str,
+    what: str,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
+):
+    """AutoModelForCausalLM.from_pretrained with errors that say which model and what to do."""
+    from transformers import AutoModelForCausalLM
+
+    path = os.path.expanduser(path)
+    if looks_local(path) and not os.path.isdir(path):
+        raise RecipeError(f"{what}: model directory {path!r} does not exist")
+    if os.path.isdir(path) and not (Path(path) / "config.json").is_file():
+        raise RecipeError(
+            f"{what}: {path!r} has no config.json, so it is not a saved transformers model; "
+            "point at the directory written by save_pretrained"
+        )
+    kwargs = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if revision:
+        kwargs["revision"] = revision
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RecipeError(
+            f"{what}: could not load a causal LM from {path!r}: {first}. If it is a local "
+            "directory, its weights may be missing or corrupt (re-save it with save_pretrained); "
+            "if it is a hub id, check the name, `revision` and network access "
+            "(`trust_remote_code: true` for models with custom code)."
+        ) from err
+
+
+def load_tokenizer(path: str, what: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(
+            os.path.expanduser(path), trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise RecipeError(
+            f"{what}: no usable tokenizer at {path!r} ({err}); set `tokenizer.source: path` with "
+            "`tokenizer.path`, or `tokenizer.source: train`"
+        ) from err
+
+
+def has_tokenizer(path: str) -> bool:
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    return any((Path(os.path.expanduser(path)) / n).is_file() for n in names)
+
+
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+
+
+def check_same_tokenizer(reference, other, reference_name: str, other_name: str) -> None:
+    """Distillation compares token distributions, so both sides must mean the same thing by
+    every id. The tokenizers themselves are compared, not config.vocab_size (which may count
+    padding rows)."""
+    vocab_a, vocab_b = reference.get_vocab(), other.get_vocab()
+    if vocab_a != vocab_b:
+        only_a = len(vocab_a.keys() - vocab_b.keys())
+        only_b = len(vocab_b.keys() - vocab_a.keys())
+        moved = sum(1 for t, i in vocab_a.items() if t in vocab_b and vocab_b[t] != i)
+        raise RecipeError(
+            f"tokenizer mismatch between {reference_name} ({len(vocab_a)} tokens) and "
+            f"{other_name} ({len(vocab_b)} tokens): {only_a} tokens only in the first, {only_b} "
+            f"only in the second, {moved} with different ids. Logit distillation needs one "
+            "shared tokenizer: pick a student from the teacher's family, or train the student "
+            "with the teacher's tokenizer (`tokenizer.source: path`)."
+        )
+    for key in SPECIAL_TOKENS:
+        a, b = getattr(reference, key, None), getattr(other, key, None)
+        if a is not None and b is not None and a != b:
+            raise RecipeError(
+                f"tokenizer mismatch between {reference_name} and {other_name}: {key} is {a} vs "
+                f"{b}; use the same tokenizer files for both"
+            )
+
+
+def check_head_covers_tokenizer(model, tokenizer, what: str) -> None:
+    """lm_head rows may be padded past the tokenizer (Qwen: 151,936 tokens, 152,064 rows);
+    fewer rows than tokens is a real mismatch."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < len(tokenizer):
+        raise RecipeError(
+            f"{what}: its lm_head has {rows} rows but the tokenizer has {len(tokenizer)} tokens; "
+            "the model was not trained with this tokenizer (resize it with "
+            "model.resize_token_embeddings, or use the model's own tokenizer)"
+        )
+
+
+def check_seq_len(model, seq_len: int, what: str) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise RecipeError(
+            f"data.seq_len={seq_len} is longer than {what}'s max_position_embeddings={limit}; "
+            f"lower `data.seq_len` to at most {limit}"
+        )
+
+
+def hidden_width(model) -> int:
+    return model.get_output_embeddings().weight.shape[1]
+
+
+def num_layers(model) -> int:
+    return model.config.num_hidden_layers
+
+
+def count_params(model) -> int:
+    """Parameters counted once even when tied (embeddings and lm_head share one tensor)."""
+    seen = {}
+    for p in model.parameters():
+        seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+def freeze(model) -> None:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def add_lora(model, spec):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=spec.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def unwrap_lora(model, merge: bool):
+    """The plain transformers model to export (adapters merged into the weights when asked)."""
+    if hasattr(model, "merge_and_unload") and merge:
+        return model.merge_and_unload()
+    if hasattr(model, "get_base_model") and not merge:
+        return model
+    return model
+
+
+def dir_size_bytes(path: str | Path, patterns=("*.safetensors", "*.bin", "*.pt")) -> int:
+    """Bytes of weight files in a model directory (what a user ships)."""
+    path = Path(path)
+    return sum(f.stat().st_size for pat in patterns for f in path.glob(pat) if f.is_file())

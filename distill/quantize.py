@@ -1,0 +1,715 @@
+"""Quantization: fake-quant linears for QAT, conversion to packed low-bit weights, export and load.
+
+Flow: ``prepare_qat`` swaps linears for ``FakeQuantLinear`` (training sees the rounded weights, the
+gradient passes straight through); ``remove_fake_quant`` swaps them back; ``convert_model`` replaces
+linears by ``QuantizedLinear`` (packed integer codes + scales); ``save_quantized`` writes the
+directory that ``load_quantized`` reads.
+
+The rounding is torchao's affine formula (``choose_qparams_affine`` + ``quantize_affine``, as used by
+``IntxWeightOnlyConfig``), reproduced here in plain torch so that training, conversion and loading
+need no torchao; ``torchao_config(scheme)`` gives the torchao config that produces the same codes,
+and the tests check that equality bit for bit. Per row of the weight and per group of
+``group_size`` input columns (the whole row when ``group_size`` is None), with
+``qmin, qmax = -2**(bits-1), 2**(bits-1) - 1``::
+
+    symmetric:  scale = max(|w|) / ((qmax - qmin) / 2),          zero_point = 0
+    asymmetric: scale = (max(w, 0) - min(w, 0)) / (qmax - qmin),
+                zero_point = clamp(qmin - round(min(w, 0) / scale), qmin, qmax)
+    scale = max(scale, smallest normal of the weight dtype), then cast to scheme.scale_dtype
+    q     = clamp(round(w * (1 / scale)) + zero_point, qmin, qmax)     (round half to even)
+    w_hat = (q - zero_point) * scale
+
+Symmetric divides by 7.5 for int4 (not 7): the negative end uses code -8 fully and a group's
+largest positive weight lands half a step past code 7 and is clamped to it.
+
+On disk (``save_quantized``), a directory with:
+  - ``model.safetensors``: every tensor of the model's state_dict; for each quantized linear
+    ``<name>.qweight`` (uint8 bitstream of the codes), ``<name>.scale`` (``[out, in / group]``, in
+    ``scale_dtype``), ``<name>.zero_point`` (int8, asymmetric only) and ``<name>.bias`` if any.
+    Codes are stored as ``q - qmin`` (0 .. 2**bits - 1), row-major over ``[out, in]``, as a
+    little-endian bitstream: code i occupies bits ``i*bits .. i*bits+bits-1``, bit j of the stream is
+    bit ``j % 8`` of byte ``j // 8`` (for int4: even elements in the low nibble). Tied weights
+    (lm_head = embeddings) are stored once.
+  - ``quantization.json``: format, scheme, quantized module names, dtype, tied-weight aliases.
+  - ``config.json`` (with a ``quantization_config`` naming this format), tokenizer files.
+
+Load it (``transformers.AutoModelForCausalLM.from_pretrained`` cannot: it would leave the quantized
+linears randomly initialized)::
+
+    from distill.quantize import load_quantized
+    from transformers import AutoTokenizer
+    model = load_quantized("runs/<name>/convert/model")          # device="cpu" by default
+    tokenizer = AutoTokenizer.from_pretrained("runs/<name>/convert/model")
+
+``QuantizedLinear`` unpacks and dequantizes its weight on every forward (memory stays packed); on
+this CPU stack that is a storage win, not a speed win. ``activations="int8_dynamic"`` is likewise
+simulated (quantize-dequantize of the input per token, as torchao's
+``Int8DynamicActivationIntxWeightConfig`` does with its unpacked format): the numerics of an int8
+kernel, not its speed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FORMAT_NAME = "distill-intx-packed"
+FORMAT_VERSION = 1
+QUANT_CONFIG_FILE = "quantization.json"
+WEIGHTS_FILE = "model.safetensors"
+
+ACTIVATION_MODES = (None, "int8_dynamic")
+SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_NAME_RE = re.compile(r"^int(\d+)-(?:g(\d+)|pc)-(sym|asym)(\+a8)?$")
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How linear weights (and optionally activations) are quantized."""
+
+    bits: int = 4
+    """Weight bits, 2..8; codes are signed integers in [-2**(bits-1), 2**(bits-1) - 1]."""
+    group_size: int | None = 32
+    """Input columns sharing one scale; None = one scale per output channel (the whole row)."""
+    symmetric: bool = True
+    """Symmetric: zero_point 0, scale from max |w|. Asymmetric: scale from min/max, int8 zero_point."""
+    activations: str | None = None
+    """None (weight-only) or "int8_dynamic": per-token asymmetric int8 activations, computed live."""
+    exclude: tuple[str, ...] = ("lm_head",)
+    """Module names never quantized: a pattern matches if it is a substring of the name or matches
+    the whole name as an fnmatch glob ("lm_head", "*.mlp.down_proj", "layers.0."). Embeddings, and a
+    linear that shares its weight with an embedding (tied lm_head), are never quantized."""
+    scale_dtype: str = "bfloat16"
+    """Dtype the scales are rounded to and stored in: bfloat16, float16 or float32."""
+
+    def __post_init__(self) -> None:
+        # YAML gives lists; keep the dataclass hashable and comparable.
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"QuantScheme.bits={self.bits!r}: must be an integer from 2 to 8")
+        if self.group_size is not None and (
+            isinstance(self.group_size, bool)
+            or not isinstance(self.group_size, int)
+            or self.group_size < 2
+        ):
+            raise ValueError(
+                f"QuantScheme.group_size={self.group_size!r}: must be None (per output channel) "
+                "or an integer >= 2 that divides in_features (usually 32, 64 or 128)"
+            )
+        if self.activations not in ACTIVATION_MODES:
+            raise ValueError(
+                f"QuantScheme.activations={self.activations!r}: supported are None (weight-only) "
+                'and "int8_dynamic" (per-token int8); for lower-bit activations there is no '
+                "kernel here, use int8_dynamic"
+            )
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(
+                f"QuantScheme.scale_dtype={self.scale_dtype!r}: must be one of {list(SCALE_DTYPES)}"
+            )
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def name(self) -> str:
+        """Short name, e.g. "int4-g32-sym", "int8-pc-sym", "int4-g32-sym+a8"."""
+        granularity = "pc" if self.group_size is None else f"g{self.group_size}"
+        symmetry = "sym" if self.symmetric else "asym"
+        suffix = "+a8" if self.activations == "int8_dynamic" else ""
+        return f"int{self.bits}-{granularity}-{symmetry}{suffix}"
+
+    @classmethod
+    def parse(cls, text: str, **overrides) -> QuantScheme:
+        """Inverse of ``name()``: "int4-g32-sym", "int3-pc-asym", "int4-g32-sym+a8"."""
+        match = _NAME_RE.match(text.strip())
+        if match is None:
+            raise ValueError(
+                f"cannot parse quantization scheme {text!r}: expected int<bits>-(g<size>|pc)-"
+                "(sym|asym)[+a8], e.g. int4-g32-sym, int8-pc-sym, int4-g32-sym+a8"
+            )
+        bits, group, symmetry, a8 = match.groups()
+        return cls(
+            bits=int(bits),
+            group_size=int(group) if group else None,
+            symmetric=symmetry == "sym",
+            activations="int8_dynamic" if a8 else None,
+            **overrides,
+        )
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "exclude": list(self.exclude)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QuantScheme:
+        return cls(**{**data, "exclude": tuple(data.get("exclude", ()))})
+
+    def group_size_for(self, in_features: int, module_name: str = "weight") -> int:
+        """The group size used for a weight with ``in_features`` columns; errors if it cannot."""
+        if self.group_size is None:
+            return in_features
+        if in_features % self.group_size != 0:
+            divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0]
+            raise ValueError(
+                f"{self.name()}: group_size {self.group_size} does not divide in_features "
+                f"{in_features} of {module_name}; use a group size that divides it "
+                f"({', '.join(map(str, divisors)) or 'none of 32/64/128/256 does'}), "
+                "group_size=None (per output channel), or add the module to exclude"
+            )
+        return self.group_size
+
+
+# --- the rounding: integer codes, dequantization, fake quantization -----------------------------
+
+
+def _qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale [out, n_groups] (scheme.scale_dtype) and zero_point [out, n_groups] (int8)."""
+    group = scheme.group_size_for(w.shape[-1])
+    groups = w.detach().reshape(w.shape[0], -1, group)
+    min_neg = torch.clamp(groups.amin(dim=-1), max=0)
+    max_pos = torch.clamp(groups.amax(dim=-1), min=0)
+    eps = torch.finfo(w.dtype).smallest_normal
+    if scheme.symmetric:
+        scale = torch.max(-min_neg, max_pos) / (float(scheme.qmax - scheme.qmin) / 2)
+        scale = torch.clamp(scale, min=eps)
+        zero_point = torch.zeros_like(scale)
+    else:
+        scale = (max_pos - min_neg) / float(scheme.qmax - scheme.qmin)
+        scale = torch.clamp(scale, min=eps)
+        zero_point = torch.clamp(
+            scheme.qmin - torch.round(min_neg / scale), scheme.qmin, scheme.qmax
+        )
+    # torchao with scale_dtype != weight dtype: zero_point from the unrounded scale, codes from the
+    # rounded one (``_adjust_scale_dtype_in_intx_unpacked_tensor``).
+    return scale.to(SCALE_DTYPES[scheme.scale_dtype]), zero_point.to(torch.int8)
+
+
+def quantize_weight(
+    w: torch.Tensor, scheme: QuantScheme
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer codes ``q`` (int8, shape of ``w``), ``scale`` and ``zero_point`` ([out, n_groups])."""
+    if w.dim() != 2:
+        raise ValueError(
+            f"quantize_weight expects a 2-d [out, in] weight, got shape {tuple(w.shape)}"
+        )
+    scale, zero_point = _qparams(w, scheme)
+    groups = w.detach().reshape(scale.shape[0], scale.shape[1], -1)
+    q = torch.round(groups * (1.0 / scale[..., None])) + zero_point[..., None]
+    q = torch.clamp(q, scheme.qmin, scheme.qmax)
+    return q.reshape(w.shape).to(torch.int8), scale, zero_point
+
+
+def dequantize_weight(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    scheme: QuantScheme,
+    shape: tuple[int, ...] | torch.Size,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``(q - zero_point) * scale`` reshaped to ``shape``, in ``dtype`` (torchao's order of ops)."""
+    out_features, n_groups = scale.shape
+    w = q.reshape(out_features, n_groups, -1).to(dtype)
+    if zero_point is not None and not scheme.symmetric:
+        w = w - zero_point[..., None].to(dtype)
+    return (w * scale[..., None]).reshape(shape).to(dtype)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: quantize-dequantize; backward: the gradient passes to the input unchanged."""
+
+    @staticmethod
+    def forward(ctx, x, quant_dequant):
+        return quant_dequant(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None
+
+
+def _weight_quant_dequant(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    q, scale, zero_point = quantize_weight(w, scheme)
+    return dequantize_weight(q, scale, zero_point, scheme, w.shape, dtype=w.dtype)
+
+
+def fake_quantize_weight(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """``dequantize(quantize(w))`` in value, bit for bit; the gradient is the identity.
+
+    Scales come from ``w`` itself (detached: no gradient flows through the scale), so no weight is
+    outside the range except, in symmetric mode, a group's largest positive weight, which sits half
+    a step past the top code and is clamped to it. Its gradient also passes unchanged: every element
+    of ``w`` gets exactly the incoming gradient, so the weight that sets the scale keeps training.
+    """
+    return _StraightThrough.apply(w, lambda t: _weight_quant_dequant(t, scheme))
+
+
+def _activation_quant_dequant(x: torch.Tensor) -> torch.Tensor:
+    """Per-token asymmetric int8, as torchao's ``_apply_int8_act_asym_per_token_quant_dequant``."""
+    qmin, qmax = -128, 127
+    min_neg = torch.clamp(x.amin(dim=-1, keepdim=True), max=0)
+    max_pos = torch.clamp(x.amax(dim=-1, keepdim=True), min=0)
+    scale = torch.clamp(
+        (max_pos - min_neg) / float(qmax - qmin), min=torch.finfo(x.dtype).smallest_normal
+    )
+    zero_point = torch.clamp(qmin - torch.round(min_neg / scale), qmin, qmax).to(torch.int8)
+    q = torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, qmin, qmax).to(torch.int8)
+    return ((q.to(x.dtype) - zero_point.to(x.dtype)) * scale).to(x.dtype)
+
+
+def fake_quantize_activation(x: torch.Tensor) -> torch.Tensor:
+    """Per-token dynamic int8 quantize-dequantize of ``x``; straight-through gradient."""
+    return _StraightThrough.apply(x, _activation_quant_dequant)
+
+
+# --- bit packing ---------------------------------------------------------------------------------
+
+
+def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes -> uint8 little-endian bitstream of ``q - qmin`` (see the module docstring)."""
+    unsigned = (q.reshape(-1).to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8)
+    shifts = torch.arange(bits, dtype=torch.uint8, device=q.device)
+    stream = ((unsigned[:, None] >> shifts) & 1).reshape(-1)
+    stream = F.pad(stream, (0, (-stream.numel()) % 8)).reshape(-1, 8).to(torch.int32)
+    byte_shifts = torch.arange(8, dtype=torch.int32, device=q.device)
+    return (stream << byte_shifts).sum(dim=-1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of ``pack_codes``: ``numel`` signed int8 codes."""
+    if 8 % bits == 0:
+        # 2, 4 and 8 bits: whole codes per byte, a shift per slot.
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        unsigned = ((packed[:, None] >> shifts) & (2**bits - 1)).reshape(-1)[:numel]
+    else:
+        byte_shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+        stream = ((packed[:, None] >> byte_shifts) & 1).reshape(-1)[: numel * bits]
+        code_shifts = torch.arange(bits, dtype=torch.int16, device=packed.device)
+        unsigned = (stream.reshape(numel, bits).to(torch.int16) << code_shifts).sum(dim=-1)
+    return (unsigned.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
+
+
+# --- modules -------------------------------------------------------------------------------------
+
+
+class FakeQuantLinear(nn.Linear):
+    """``nn.Linear`` whose forward uses the fake-quantized weight (and input, for ``+a8``).
+
+    ``enabled=False`` gives the exact float forward, so fake quantization can start after N steps.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        scheme: QuantScheme | None = None,
+        enabled: bool = True,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.scheme = scheme or QuantScheme()
+        self.scheme.group_size_for(in_features)
+        self.enabled = enabled
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: QuantScheme) -> FakeQuantLinear:
+        """A FakeQuantLinear holding the very same weight and bias Parameters as ``linear``."""
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device="meta",
+            scheme=scheme,
+        )
+        module.weight = linear.weight
+        module.bias = linear.bias
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return F.linear(x, self.weight, self.bias)
+        if self.scheme.activations == "int8_dynamic":
+            x = fake_quantize_activation(x)
+        return F.linear(x, fake_quantize_weight(self.weight, self.scheme), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scheme={self.scheme.name()}, enabled={self.enabled}"
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer stored as packed integer codes + scales, dequantized on every forward.
+
+    The dequantized weight is exactly ``fake_quantize_weight(original weight)`` when the input has
+    the original weight's dtype, so a converted model computes what QAT trained.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        scheme: QuantScheme,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        n_groups = in_features // scheme.group_size_for(in_features)
+        packed_bytes = (in_features * out_features * scheme.bits + 7) // 8
+        self.register_buffer("qweight", torch.empty(packed_bytes, dtype=torch.uint8, device=device))
+        scale_dtype = SCALE_DTYPES[scheme.scale_dtype]
+        self.register_buffer(
+            "scale", torch.empty(out_features, n_groups, dtype=scale_dtype, device=device)
+        )
+        if not scheme.symmetric:
+            self.register_buffer(
+                "zero_point", torch.empty(out_features, n_groups, dtype=torch.int8, device=device)
+            )
+        else:
+            self.zero_point = None
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+            if bias
+            else None
+        )
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: QuantScheme) -> QuantizedLinear:
+        weight = linear.weight.detach()
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            scheme,
+            bias=linear.bias is not None,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+        q, scale, zero_point = quantize_weight(weight, scheme)
+        module.qweight.copy_(pack_codes(q, scheme.bits))
+        module.scale.copy_(scale)
+        if module.zero_point is not None:
+            module.zero_point.copy_(zero_point)
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        return module
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        q = unpack_codes(self.qweight, self.scheme.bits, self.in_features * self.out_features)
+        shape = (self.out_features, self.in_features)
+        return dequantize_weight(q, self.scale, self.zero_point, self.scheme, shape, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scheme.activations == "int8_dynamic":
+            x = _activation_quant_dequant(x)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, scheme={self.scheme.name()}"
+        )
+
+
+# --- model transforms ----------------------------------------------------------------------------
+
+
+def _is_excluded(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(pattern in name or fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _embedding_weights(model: nn.Module) -> set[int]:
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+
+def _eligible_linears(model: nn.Module, scheme: QuantScheme, kinds: tuple[type, ...]):
+    """(name, module) of every linear to quantize; checks group sizes before anything changes."""
+    embedding_weights = _embedding_weights(model)
+    chosen = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) in kinds
+        and not _is_excluded(name, scheme.exclude)
+        and id(module.weight) not in embedding_weights
+    ]
+    for name, module in chosen:
+        scheme.group_size_for(module.in_features, name)
+    return chosen
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def prepare_qat(model: nn.Module, scheme: QuantScheme) -> list[str]:
+    """Swap every eligible ``nn.Linear`` for a ``FakeQuantLinear`` in place; returns their names.
+
+    The same Parameter objects move into the new modules, so state_dict keys, an optimizer built
+    before or after, and a teacher comparison keep working. Excluded: names matching
+    ``scheme.exclude``, embeddings and linears tied to them; subclasses of nn.Linear are left alone.
+    """
+    if any(isinstance(m, FakeQuantLinear) for m in model.modules()):
+        raise ValueError("model is already prepared for QAT; call remove_fake_quant(model) first")
+    names = []
+    for name, linear in _eligible_linears(model, scheme, (nn.Linear,)):
+        _replace(model, name, FakeQuantLinear.from_linear(linear, scheme))
+        names.append(name)
+    return names
+
+
+def set_fake_quant_enabled(model: nn.Module, enabled: bool) -> None:
+    """Turn fake quantization on or off in every FakeQuantLinear (off = exact float forward)."""
+    modules = [m for m in model.modules() if isinstance(m, FakeQuantLinear)]
+    if not modules:
+        raise ValueError("model has no FakeQuantLinear; call prepare_qat(model, scheme) first")
+    for module in modules:
+        module.enabled = enabled
+
+
+def remove_fake_quant(model: nn.Module) -> list[str]:
+    """Swap every FakeQuantLinear back to a plain ``nn.Linear`` (same Parameters); returns names."""
+    names = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FakeQuantLinear):
+            linear = nn.Linear(
+                module.in_features, module.out_features, bias=module.bias is not None, device="meta"
+            )
+            linear.weight, linear.bias = module.weight, module.bias
+            _replace(model, name, linear)
+            names.append(name)
+    return names
+
+
+def convert_model(model: nn.Module, scheme: QuantScheme) -> list[str]:
+    """Replace eligible linears (plain or FakeQuantLinear) by QuantizedLinear in place; returns names.
+
+    The converted weights equal what ``fake_quantize_weight`` produced during QAT, bit for bit.
+    """
+    for module in model.modules():
+        if isinstance(module, FakeQuantLinear) and module.scheme != scheme:
+            raise ValueError(
+                f"model was prepared for QAT with {module.scheme.name()} but is being converted "
+                f"with {scheme.name()}; convert with the QAT scheme"
+            )
+    names = []
+    with torch.no_grad():
+        for name, linear in _eligible_linears(model, scheme, (nn.Linear, FakeQuantLinear)):
+            _replace(model, name, QuantizedLinear.from_linear(linear, scheme))
+            names.append(name)
+    return names
+
+
+def torchao_config(scheme: QuantScheme):
+    """The torchao config whose ``quantize_`` gives the same codes and scales as this module."""
+    try:
+        from torchao.quantization import (
+            Int8DynamicActivationIntxWeightConfig,
+            IntxWeightOnlyConfig,
+        )
+        from torchao.quantization.granularity import PerAxis, PerGroup
+        from torchao.quantization.quant_primitives import MappingType
+    except ImportError as error:
+        raise ImportError("torchao is not installed: pip install 'distill[quant]'") from error
+    granularity = PerAxis(0) if scheme.group_size is None else PerGroup(scheme.group_size)
+    mapping = MappingType.SYMMETRIC if scheme.symmetric else MappingType.ASYMMETRIC
+    weight_dtype = getattr(torch, f"int{scheme.bits}")
+    scale_dtype = SCALE_DTYPES[scheme.scale_dtype]
+    if scheme.activations == "int8_dynamic":
+        return Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=weight_dtype,
+            weight_granularity=granularity,
+            weight_mapping_type=mapping,
+            weight_scale_dtype=scale_dtype,
+        )
+    return IntxWeightOnlyConfig(
+        weight_dtype=weight_dtype,
+        granularity=granularity,
+        mapping_type=mapping,
+        scale_dtype=scale_dtype,
+    )
+
+
+# --- save, load, size, latency -------------------------------------------------------------------
+
+
+def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, scheme: QuantScheme) -> None:
+    """Write a converted model (see the module docstring for the format) and its tokenizer."""
+    from safetensors.torch import save_file
+
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if not modules:
+        raise ValueError("model has no QuantizedLinear; call convert_model(model, scheme) first")
+    for name, module in modules.items():
+        if module.scheme != scheme:
+            raise ValueError(
+                f"{name} was converted with {module.scheme.name()}, not {scheme.name()}"
+            )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # safetensors refuses shared storage: keep the first name of each tensor, record the others.
+    tensors, tied, seen = {}, {}, {}
+    for key, tensor in model.state_dict().items():
+        identity = (tensor.data_ptr(), tensor.shape, tensor.dtype)
+        if tensor.numel() and identity in seen:
+            tied[key] = seen[identity]
+        else:
+            seen[identity] = key
+            tensors[key] = tensor.detach().contiguous().cpu()
+    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    meta = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "scheme": scheme.to_dict(),
+        "scheme_name": scheme.name(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "modules": sorted(modules),
+        "tied": tied,
+    }
+    (out_dir / QUANT_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    if getattr(model, "config", None) is not None:
+        config = model.config
+        config.quantization_config = {
+            "quant_method": FORMAT_NAME,
+            "scheme": scheme.name(),
+            "load_with": "distill.quantize.load_quantized",
+        }
+        try:
+            config.save_pretrained(out_dir)
+        finally:
+            del config.quantization_config
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+def is_quantized_dir(path: str | Path) -> bool:
+    """True if ``path`` was written by ``save_quantized`` (load it with ``load_quantized``)."""
+    return (Path(path) / QUANT_CONFIG_FILE).is_file()
+
+
+def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model saved by ``save_quantized``: the architecture from config.json, quantized
+    linears as QuantizedLinear, every tensor from model.safetensors. Returns it in eval mode."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not is_quantized_dir(path):
+        raise FileNotFoundError(
+            f"{path} has no {QUANT_CONFIG_FILE}: not written by save_quantized; a float model "
+            "directory loads with transformers.AutoModelForCausalLM.from_pretrained"
+        )
+    meta = json.loads((path / QUANT_CONFIG_FILE).read_text())
+    if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path / QUANT_CONFIG_FILE}: format {meta.get('format')!r} version "
+            f"{meta.get('version')!r}; this distill reads {FORMAT_NAME!r} version {FORMAT_VERSION}"
+        )
+    scheme = QuantScheme.from_dict(meta["scheme"])
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    dtype = getattr(torch, meta["dtype"])
+    try:  # every tensor is overwritten below: skip the random initialization
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from contextlib import nullcontext as no_init_weights
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name in meta["modules"]:
+        linear = model.get_submodule(name)
+        module = QuantizedLinear(
+            linear.in_features,
+            linear.out_features,
+            scheme,
+            bias=linear.bias is not None,
+            dtype=linear.weight.dtype,
+        )
+        _replace(model, name, module)
+    state = load_file(str(path / WEIGHTS_FILE))
+    for alias, source in meta["tied"].items():
+        state[alias] = state[source]
+    model.load_state_dict(state, strict=True)
+    # Re-tie (no_init_weights also skips transformers' tying): the alias becomes the same tensor.
+    parameter_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    for alias, source in meta["tied"].items():
+        module_name, _, attribute = alias.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        shared = (
+            model.get_parameter(source) if source in parameter_names else model.get_buffer(source)
+        )
+        setattr(module, attribute, shared)
+    return model.to(device).eval()
+
+
+def quantized_size_bytes(path: str | Path) -> int:
+    """Bytes of the weight files (``*.safetensors``) of a model directory, or of one file."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights under {path}")
+    return sum(f.stat().st_size for f in files)
+
+
+@torch.inference_mode()
+def generate_latency_s(
+    model: nn.Module,
+    tokenizer_or_prompt_ids,
+    new_tokens: int = 128,
+    prompt: str = "def main():\n",
+) -> float:
+    """Wall seconds of greedy generation of exactly ``new_tokens`` tokens (after a short warm-up).
+
+    Give a tokenizer (``prompt`` is encoded) or a tensor of prompt token ids ([seq] or [1, seq]).
+    """
+    if isinstance(tokenizer_or_prompt_ids, torch.Tensor):
+        input_ids = tokenizer_or_prompt_ids.reshape(1, -1)
+    else:
+        input_ids = tokenizer_or_prompt_ids(prompt, return_tensors="pt").input_ids
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    generation_config = getattr(model, "generation_config", None)
+    pad_token_id = getattr(generation_config, "pad_token_id", None)
+    if pad_token_id is None:
+        eos = getattr(generation_config, "eos_token_id", None)
+        pad_token_id = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+
+    def generate(count: int) -> torch.Tensor:
+        return model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=False,
+            max_new_tokens=count,
+            min_new_tokens=count,  # no early stop at EOS: always the same amount of work
+            pad_token_id=pad_token_id,
+        )
+
+    was_training = model.training
+    model.eval()
+    try:
+        generate(min(8, new_tokens))
+        start = time.perf_counter()
+        output = generate(new_tokens)
+        elapsed_s = time.perf_counter() - start
+    finally:
+        model.train(was_training)
+    assert output.shape[1] - input_ids.shape[1] == new_tokens
+    return elapsed_s

@@ -1,0 +1,104 @@
+"""Where metrics go: a JSONL file that is always written, and Weights & Biases when enabled.
+
+W&B is never required: disabled, offline, missing or unreachable, training goes on. The W&B run id is
+kept in checkpoints so a resumed stage continues the same W&B run with increasing steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from distill.config import WandbSpec
+
+
+class Tracker:
+    """Main-process metrics sink; other ranks get a tracker that drops everything."""
+
+    def __init__(
+        self,
+        metrics_path: Path | None,
+        wandb_spec: WandbSpec | None = None,
+        run_name: str = "run",
+        config: dict | None = None,
+        run_id: str | None = None,
+        group: str | None = None,
+    ):
+        self.metrics_path = metrics_path
+        self.run_id = run_id
+        self._wandb_run = None
+        if metrics_path is None:
+            return
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(metrics_path, "a")  # noqa: SIM115 - lives as long as the tracker
+        if wandb_spec is not None and wandb_spec.mode != "disabled":
+            self._start_wandb(wandb_spec, run_name, config or {}, group)
+
+    def _start_wandb(self, spec: WandbSpec, run_name: str, config: dict, group: str | None):
+        try:
+            import wandb
+        except ImportError:
+            print(
+                "distill: tracking.wandb is enabled but wandb is not installed "
+                "(pip install 'distill[wandb]'); continuing with metrics.jsonl only",
+                file=sys.stderr,
+            )
+            return
+        if self.run_id is None:
+            self.run_id = wandb.util.generate_id()
+        try:
+            self._wandb_run = wandb.init(
+                project=spec.project,
+                entity=spec.entity,
+                name=spec.name or run_name,
+                mode=spec.mode,
+                id=self.run_id,
+                resume="allow",
+                config=config,
+                group=group,
+                tags=spec.tags,
+                reinit="create_new",
+            )
+        except Exception as err:  # noqa: BLE001 - any W&B failure must not stop training
+            print(
+                f"distill: W&B unavailable ({err}); continuing with metrics.jsonl", file=sys.stderr
+            )
+            self._wandb_run = None
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.metrics_path is None:
+            return
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self._fh.write(json.dumps(row) + "\n")
+        self._fh.flush()
+        if self._wandb_run is not None:
+            try:
+                self._wandb_run.log(metrics, step=step)
+            except Exception as err:  # noqa: BLE001
+                print(f"distill: W&B log failed ({err}); continuing", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.metrics_path is None:
+            return
+        self._fh.close()
+        if self._wandb_run is not None:
+            try:
+                self._wandb_run.finish()
+            except Exception:  # noqa: BLE001
+                pass
+            self._wandb_run = None
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def wandb_env_mode() -> str | None:
+    return os.environ.get("WANDB_MODE")

@@ -1,0 +1,542 @@
+"""The one training loop: train (no teacher), distill, recover and QAT are all this loop.
+
+It runs on accelerate, so the same code serves one CPU process, N processes under DDP, and DeepSpeed
+ZeRO. Read `train()` top to bottom: resume, then for each optimizer step gather the micro-batches,
+count the tokens of the whole global step, forward/backward each micro-batch, clip, step, run the
+hooks, log, evaluate, save.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distill import checkpoint as ckpt
+from distill.config import ObjectiveSpec, TrainSpec
+from distill.data import BatchOrder
+from distill.tracking import Tracker
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving; run again to resume
+EXIT_INTERRUPTED = 130  # a second signal: stopped at once, the last checkpoint is what remains
+
+
+class StopRequested(Exception):
+    """Raised after a signal-triggered checkpoint; the CLI exits with EXIT_PREEMPTED."""
+
+    def __init__(self, checkpoint: Path | None):
+        super().__init__(f"stopped by signal; checkpoint saved at {checkpoint}")
+        self.checkpoint = checkpoint
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning rate
+
+
+def lr_at(step: int, spec: TrainSpec) -> float:
+    """Linear warm-up, then cosine or linear decay to `min_lr_ratio * lr` (a pure function of
+    the step, so resume needs no scheduler state and every world size agrees)."""
+    warmup = int(spec.warmup_ratio * spec.max_steps)
+    if step < warmup:
+        return spec.lr * (step + 1) / warmup
+    if spec.schedule == "constant":
+        return spec.lr
+    progress = (step - warmup) / max(1, spec.max_steps - warmup)
+    floor = spec.min_lr_ratio
+    if spec.schedule == "cosine":
+        scale = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    else:
+        scale = 1 - (1 - floor) * min(progress, 1.0)
+    return spec.lr * scale
+
+
+# ----------------------------------------------------------------------------------------------
+# Model pieces
+
+
+def causal_lm_of(model: nn.Module) -> nn.Module:
+    """The transformers *ForCausalLM inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The decoder stack without the lm_head, so no logits are computed."""
+    lm = causal_lm_of(model)
+    return getattr(lm, lm.base_model_prefix)
+
+
+@dataclass
+class TeacherOutput:
+    hidden: torch.Tensor  # [B, S, H_t] final hidden states (after the final norm)
+    head_weight: torch.Tensor  # [V_t, H_t]
+    states: list[torch.Tensor] | None  # per-layer outputs, index i = layer i
+
+
+@torch.no_grad()
+def teacher_forward(teacher: nn.Module, input_ids: torch.Tensor, want_states: bool, autocast):
+    """The frozen teacher's hidden states; no autograd graph is ever built."""
+    with autocast:
+        out = backbone_of(teacher)(input_ids=input_ids, output_hidden_states=want_states)
+    states = list(out.hidden_states[1:]) if want_states else None
+    head = causal_lm_of(teacher).get_output_embeddings().weight
+    return TeacherOutput(hidden=out.last_hidden_state, head_weight=head, states=states)
+
+
+class DistillModule(nn.Module):
+    """Student + hidden-loss projections, with a forward that returns the loss sums.
+
+    The whole objective runs inside `forward`, so DDP's gradient hooks and DeepSpeed's parameter
+    gathering see every parameter that gets a gradient. Without a teacher it is plain next-token
+    cross-entropy.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        objective: ObjectiveSpec | None,
+        vocab_size: int,
+        layer_map: list[tuple[int, int]] | None = None,
+        projections: nn.Module | None = None,
+        chunk_size: int = 1024,
+    ):
+        super().__init__()
+        self.chunk_size = objective.chunk_size if objective is not None else chunk_size
+        self.student = student
+        self.projections = projections
+        self.objective = objective
+        self.vocab_size = vocab_size
+        self.layer_map = layer_map or []
+
+    def forward(self, input_ids: torch.Tensor, teacher: TeacherOutput | None = None, labels=None):
+        from distill import losses
+
+        objective = self.objective
+        want_states = bool(teacher is not None and objective and objective.hidden)
+        out = backbone_of(self.student)(input_ids=input_ids, output_hidden_states=want_states)
+        if labels is None:
+            labels = input_ids
+        # position t predicts token t+1
+        shifted = labels[:, 1:].reshape(-1)
+        hidden = out.last_hidden_state[:, :-1].reshape(-1, out.last_hidden_state.shape[-1])
+        head = causal_lm_of(self.student).get_output_embeddings().weight
+        terms, ce_weight = [], 1.0
+        if objective is not None and teacher is not None:
+            terms = [
+                losses.LogitTerm(t.kind, t.weight, t.temperature, t.beta, t.alpha)
+                for t in objective.terms
+            ]
+            ce_weight = objective.ce_weight
+        t_hidden = t_head = None
+        if teacher is not None and terms:
+            t_hidden = teacher.hidden[:, :-1].reshape(-1, teacher.hidden.shape[-1])
+            t_head = teacher.head_weight
+        if objective is not None and objective.path == "naive":
+            student_logits = hidden @ head.t()
+            teacher_logits = t_hidden @ t_head.t() if t_hidden is not None else None
+            result = losses.naive_logit_objective(
+                student_logits,
+                shifted,
+                terms,
+                ce_weight,
+                teacher_logits=teacher_logits,
+                vocab_size=self.vocab_size,
+            )
+        else:
+            result = losses.chunked_logit_objective(
+                hidden,
+                head,
+                shifted,
+                terms,
+                ce_weight,
+                teacher_hidden=t_hidden,
+                teacher_head_weight=t_head,
+                vocab_size=self.vocab_size,
+                chunk_size=self.chunk_size,
+            )
+        total, parts = result.total, dict(result.terms)
+        if want_states:
+            mask = torch.zeros_like(labels, dtype=torch.bool)
+            mask[:, :-1] = labels[:, 1:] != -100
+            student_states = list(out.hidden_states[1:])
+            hidden_sum, _ = losses.hidden_state_loss(
+                student_states,
+                teacher.states,
+                self.layer_map,
+                self.projections,
+                objective.hidden.kind,
+                mask,
+            )
+            total = total + objective.hidden.weight * hidden_sum
+            parts["hidden"] = hidden_sum.detach()
+        return total, parts, result.num_tokens
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; norms and biases are left alone."""
+    decay, no_decay, seen = [], [], set()
+    for p in module.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Signals
+
+
+class SignalWatch:
+    """SIGTERM/SIGUSR1: finish the optimizer step, save, exit. A second one: exit at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            print("distill: second signal, exiting now", file=sys.stderr, flush=True)
+            os._exit(EXIT_INTERRUPTED)
+        self.requested = True
+        print(
+            f"distill: got {signal.Signals(signum).name}; saving a checkpoint after this step",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class TrainHooks:
+    """The two places other features plug in without the loop knowing about them."""
+
+    before_step: Callable[[int, nn.Module], None] | None = None  # e.g. start fake quantization
+    after_optimizer_step: Callable[[nn.Module], None] | None = None  # e.g. re-apply masks
+
+
+@dataclass
+class TrainJob:
+    accelerator: object
+    module: DistillModule
+    teacher: nn.Module | None
+    train_blocks: torch.Tensor
+    eval_blocks: torch.Tensor
+    spec: TrainSpec
+    seed: int
+    stage_dir: Path
+    tracker: Tracker
+    fingerprint: str
+    hooks: TrainHooks = field(default_factory=TrainHooks)
+    eval_batch_size: int = 16
+    log: Callable[[str], None] = print
+    force_resume: bool = False
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    wall_s: float
+    eval: dict
+    tokens_per_s: float
+    skipped_steps: int = 0
+    resumed_from: str | None = None
+
+
+def autocast_for(spec: TrainSpec, device: torch.device):
+    if spec.precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def train(job: TrainJob) -> TrainResult:
+    acc, spec = job.accelerator, job.spec
+    world, rank = acc.num_processes, acc.process_index
+    device = acc.device
+    if job.teacher is not None:
+        job.teacher.to(device)
+    optimizer = torch.optim.AdamW(
+        param_groups(job.module, spec.weight_decay), lr=spec.lr, betas=tuple(spec.betas)
+    )
+    module, optimizer = acc.prepare(job.module, optimizer)
+    order = BatchOrder(len(job.train_blocks), spec.batch_size, spec.grad_accum, world, job.seed)
+    ckpt_root = job.stage_dir / "checkpoints"
+    state = {"step": 0, "tokens": 0, "bad_steps": 0, "skipped_steps": 0}
+    resumed_from = _resume(job, acc, state, ckpt_root)
+    want_states = bool(job.module.objective and job.module.objective.hidden)
+    autocast = autocast_for(spec, device)
+    t0, tokens_at_t0 = time.perf_counter(), state["tokens"]
+    window_t, window_tokens = t0, state["tokens"]
+    eval_metrics: dict = {}
+    progress = _progress(acc, spec.max_steps, state["step"])
+
+    with SignalWatch() as signals:
+        while state["step"] < spec.max_steps:
+            step = state["step"]
+            if job.hooks.before_step:
+                job.hooks.before_step(step, acc.unwrap_model(module))
+            lr = lr_at(step, spec)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro_batches = [
+                job.train_blocks[order.indices(step, a, rank)].to(device)
+                for a in range(spec.grad_accum)
+            ]
+            # Every token of the global step weighs the same, whatever the micro-batch or rank:
+            # each backward gets sum/global_count, scaled back up for DDP's mean over ranks and
+            # accelerate's division by grad_accum.
+            local_count = sum(int((mb[:, 1:] != -100).sum()) for mb in micro_batches)
+            global_count = int(acc.reduce(torch.tensor(local_count, device=device), "sum"))
+            scale = world * spec.grad_accum / max(global_count, 1)
+            term_sums: dict[str, torch.Tensor] = {}
+            loss_sum = torch.zeros((), device=device)
+            for mb in micro_batches:
+                teacher_out = None
+                if job.teacher is not None:
+                    teacher_out = teacher_forward(job.teacher, mb, want_states, autocast)
+                with acc.accumulate(module):
+                    with autocast:
+                        total, parts, _ = module(mb, teacher_out)
+                    acc.backward(total * scale)
+                loss_sum += total.detach().float()
+                for k, v in parts.items():
+                    term_sums[k] = term_sums.get(k, 0) + v.detach().float()
+            grad_norm = _clip(acc, module, spec.max_grad_norm)
+            loss_global = acc.reduce(loss_sum, "sum") / max(global_count, 1)
+            finite = _all_finite(acc, loss_global, grad_norm, device)
+            if finite:
+                optimizer.step()
+                state["bad_steps"] = 0
+            else:
+                state["bad_steps"] += 1
+                state["skipped_steps"] += 1
+                job.log(
+                    f"step {step}: non-finite loss ({float(loss_global):.4g}) or grad norm "
+                    f"({_f(grad_norm)}); skipping this optimizer step on every rank"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            if job.hooks.after_optimizer_step:
+                job.hooks.after_optimizer_step(acc.unwrap_model(module))
+            state["step"] = step + 1
+            state["tokens"] += global_count
+            if state["bad_steps"] >= spec.max_bad_steps:
+                last = ckpt.find_latest_valid(ckpt_root)
+                raise TrainingDiverged(
+                    f"{state['bad_steps']} consecutive steps with a non-finite loss or gradient "
+                    f"norm (last at step {step}); the last good checkpoint is {last or 'none'}. "
+                    "Lower `train.lr`, check the data, or use `train.precision: fp32`."
+                )
+            if state["step"] % spec.log_every == 0 or state["step"] == spec.max_steps:
+                now = time.perf_counter()
+                row = {"loss": float(loss_global), "lr": lr, "grad_norm": _f(grad_norm)}
+                for k, v in term_sums.items():
+                    row[f"loss_{k}"] = float(acc.reduce(v, "sum")) / max(global_count, 1)
+                row["tokens"] = state["tokens"]
+                row["tokens_per_s"] = (state["tokens"] - window_tokens) / max(now - window_t, 1e-9)
+                row["epoch"] = order.epoch_of(state["step"])
+                if not finite:
+                    row["skipped"] = 1
+                window_t, window_tokens = now, state["tokens"]
+                job.tracker.log(row, step=state["step"])
+                _report(acc, progress, row, state["step"], spec.max_steps, job.log)
+            if (
+                spec.eval_every
+                and state["step"] % spec.eval_every == 0
+                and (state["step"] < spec.max_steps)
+            ):
+                eval_metrics = evaluate_heldout(job, module, autocast, spec.eval_batches)
+                job.tracker.log({f"eval/{k}": v for k, v in eval_metrics.items()}, state["step"])
+            stop = _any(acc, signals.requested, device)
+            if (spec.save_every and state["step"] % spec.save_every == 0) or stop:
+                path = save_checkpoint(job, acc, state, ckpt_root)
+                if stop:
+                    _close_progress(progress)
+                    raise StopRequested(path)
+
+    _close_progress(progress)
+    wall = time.perf_counter() - t0
+    eval_metrics = evaluate_heldout(job, module, autocast, None)
+    job.tracker.log({f"eval/{k}": v for k, v in eval_metrics.items()}, state["step"])
+    if not (spec.save_every and state["step"] % spec.save_every == 0):
+        save_checkpoint(job, acc, state, ckpt_root)
+    tokens_run = state["tokens"] - tokens_at_t0
+    return TrainResult(
+        steps=state["step"],
+        tokens=state["tokens"],
+        wall_s=wall,
+        eval=eval_metrics,
+        tokens_per_s=tokens_run / max(wall, 1e-9),
+        skipped_steps=state["skipped_steps"],
+        resumed_from=str(resumed_from) if resumed_from else None,
+    )
+
+
+def _f(x) -> float:
+    return float(x) if x is not None else float("nan")
+
+
+def _clip(acc, module, max_norm: float):
+    norm = acc.clip_grad_norm_(module.parameters(), max_norm if max_norm > 0 else float("inf"))
+    return norm if norm is None else torch.as_tensor(norm, dtype=torch.float32)
+
+
+def _all_finite(acc, loss, grad_norm, device) -> bool:
+    bad = (not torch.isfinite(loss).all()) or (
+        grad_norm is not None and not torch.isfinite(grad_norm).all()
+    )
+    return not _any(acc, bad, device)
+
+
+def _any(acc, flag: bool, device) -> bool:
+    """True on every rank when any rank says True (so all ranks take the same branch)."""
+    if acc.num_processes == 1:
+        return bool(flag)
+    return bool(acc.reduce(torch.tensor(float(flag), device=device), "sum") > 0)
+
+
+def evaluate_heldout(job: TrainJob, module, autocast, max_batches: int | None) -> dict:
+    from distill.evaluate import heldout_metrics
+
+    inner = job.accelerator.unwrap_model(module)
+    return heldout_metrics(
+        inner.student,
+        job.eval_blocks,
+        job.eval_batch_size,
+        inner.vocab_size,
+        autocast,
+        accelerator=job.accelerator,
+        max_batches=max_batches,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(job: TrainJob, acc, state: dict, root: Path) -> Path:
+    import json
+
+    step = state["step"]
+    tmp = ckpt.tmp_dir_for(root, step)
+    if acc.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        previous = ckpt.list_checkpoints(root)
+        ckpt.check_free_space(root, ckpt.dir_bytes(previous[-1]) if previous else 0)
+        ckpt.clean_stale_tmp(root)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp), safe_serialization=False)
+    acc.wait_for_everyone()
+    path = root / ckpt.checkpoint_name(step)
+    if acc.is_main_process:
+        meta = {
+            **state,
+            "world_size": acc.num_processes,
+            "fingerprint": job.fingerprint,
+            "tracker_run_id": job.tracker.run_id,
+        }
+        (tmp / ckpt.STATE).write_text(json.dumps(meta, indent=1))
+        path = ckpt.commit(root, step, job.spec.keep_last)
+        job.log(f"saved checkpoint {path}")
+    acc.wait_for_everyone()
+    return path
+
+
+def _resume(job: TrainJob, acc, state: dict, root: Path) -> Path | None:
+    spec = job.spec
+    if spec.resume == "never":
+        return None
+    if acc.is_main_process:
+        ckpt.clean_stale_tmp(root)
+    acc.wait_for_everyone()
+    if spec.resume == "auto":
+        path = ckpt.find_latest_valid(root, log=job.log)
+        if path is None:
+            return None
+    else:
+        path = Path(spec.resume)
+        problem = ckpt.verify(path) if path.is_dir() else "no such directory"
+        if problem:
+            raise ckpt.CheckpointError(f"train.resume: cannot use {path}: {problem}")
+    meta = ckpt.read_state(path)
+    if meta.get("fingerprint") != job.fingerprint and not job.force_resume:
+        raise ckpt.CheckpointError(
+            f"checkpoint {path} was written by a different recipe or stage settings; refusing to "
+            "resume from it. Use a new output directory, delete the checkpoint, or pass "
+            "--force-resume to continue anyway."
+        )
+    if meta.get("world_size") != acc.num_processes:
+        raise ckpt.CheckpointError(
+            f"checkpoint {path} was written by {meta.get('world_size')} processes, this run has "
+            f"{acc.num_processes}. Relaunch with {meta.get('world_size')} processes to continue "
+            "exactly, or start the stage anew with `train.resume=never` (optionally initialising "
+            "from its exported model)."
+        )
+    acc.load_state(str(path))
+    for key in ("step", "tokens", "bad_steps", "skipped_steps"):
+        state[key] = meta.get(key, 0)
+    job.log(f"resumed from {path} at step {state['step']}")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress
+
+
+def _progress(acc, total: int, start: int):
+    if not acc.is_main_process or not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, leave=False)
+
+
+def _report(acc, progress, row: dict, step: int, total: int, log) -> None:
+    if not acc.is_main_process:
+        return
+    if progress is not None:
+        progress.n = step
+        progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", refresh=True)
+        return
+    terms = " ".join(f"{k[5:]}={v:.4f}" for k, v in row.items() if k.startswith("loss_"))
+    log(
+        f"step {step}/{total} loss={row['loss']:.4f} {terms} lr={row['lr']:.2e} "
+        f"grad_norm={row['grad_norm']:.3f} tok/s={row['tokens_per_s']:.0f}"
+    )
+
+
+def _close_progress(progress) -> None:
+    if progress is not None:
+        progress.close()
