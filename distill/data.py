@@ -289,7 +289,9 @@ class BatchOrder:
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
             gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perms = {epoch: torch.randperm(self.num_blocks, generator=gen)}
+            if len(self._perms) > 1:  # a batch spans at most two epochs
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = torch.randperm(self.num_blocks, generator=gen)
         return self._perms[epoch]
 
     def indices(self, step: int, micro: int, rank: int) -> torch.Tensor:

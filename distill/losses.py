@@ -807,6 +807,8 @@ def hidden_state_loss(
             f"unknown hidden loss kind {kind!r}; use one of {', '.join(HIDDEN_LOSS_KINDS)}"
         )
     layer_map = [(int(s), int(t)) for s, t in layer_map]
+    if not layer_map:
+        raise ValueError("layer_map is empty; build it with resolve_layer_map")
     if projections.projections and layer_map != projections.layer_map:
         raise ValueError(
             "layer_map differs from the one the HiddenProjections were built with; build them "
@@ -815,8 +817,7 @@ def hidden_state_loss(
     if mask.dim() != 2:
         raise ValueError(f"mask must be [B, S], got {list(mask.shape)}")
     mask = mask if mask.dtype == torch.bool else mask != 0
-    total = None
-    for pair_index, (student_layer, teacher_layer) in enumerate(layer_map):
+    for student_layer, teacher_layer in layer_map:
         if not (
             0 <= student_layer < len(student_states) and 0 <= teacher_layer < len(teacher_states)
         ):
@@ -825,6 +826,8 @@ def hidden_state_loss(
                 f"{len(student_states)} student and {len(teacher_states)} teacher layer outputs; "
                 "pass hidden_states[1:] of each model and a layer map from resolve_layer_map"
             )
+    total = None
+    for pair_index, (student_layer, teacher_layer) in enumerate(layer_map):
         student = student_states[student_layer]
         teacher = teacher_states[teacher_layer]
         if student.shape[:-1] != mask.shape or teacher.shape[:-1] != mask.shape:
@@ -846,6 +849,4 @@ def hidden_state_loss(
         else:
             per_token = 1.0 - F.cosine_similarity(projected, target, dim=-1)
         total = per_token.sum() if total is None else total + per_token.sum()
-    if total is None:
-        raise ValueError("layer_map is empty; use resolve_layer_map to build it")
     return total, mask.sum().to(torch.int64)

@@ -76,7 +76,7 @@ def load_pretrained(
         kwargs["attn_implementation"] = attn_implementation
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
+    except Exception as err:  # noqa: BLE001 - safetensors, OSError, ValueError...: same fix
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RecipeError(
             f"{what}: could not load a causal LM from {path!r}: {first}. If it is a local "

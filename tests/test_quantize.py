@@ -27,6 +27,7 @@ from distill.quantize import (
     remove_fake_quant,
     save_quantized,
     set_fake_quant_enabled,
+    set_kernels_enabled,
     torchao_config,
     unpack_codes,
 )
@@ -208,8 +209,15 @@ def test_bad_scheme_text_and_group_size_not_dividing():
         QuantScheme.parse("int4-group32")
     model = tiny_llama(hidden=64)  # in_features 64 (attention, up/gate) and 128 (down_proj)
     before = {name: type(m) for name, m in model.named_modules()}
-    with pytest.raises(ValueError, match=r"group_size 48 does not divide in_features 64 of .*proj"):
+    with pytest.raises(
+        ValueError, match=r"group_size 48 does not divide in_features 64 \(.*q_proj"
+    ):
         prepare_qat(model, QuantScheme(group_size=48))
+    message = (
+        r"in_features 64 \(model.layers.0.self_attn.q_proj and 11 more\); .* \(8, 16, 32, 64\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        prepare_qat(model, QuantScheme(group_size=128))
     assert {name: type(m) for name, m in model.named_modules()} == before  # nothing swapped
     with pytest.raises(ValueError, match="does not divide"):
         quantize_weight(torch.randn(4, 64), QuantScheme(group_size=128))
@@ -296,9 +304,13 @@ def test_converted_equals_fake_quant_and_reloads(tmp_path, ids, scheme_name, dty
         remove_fake_quant(model)
     assert convert_model(model, scheme) == names
     assert all(isinstance(model.get_submodule(name), QuantizedLinear) for name in names)
-    converted_logits = logits(model, ids)
+    set_kernels_enabled(model, False)
     # The converted weights are the fake-quantized ones, bit for bit; so are the logits.
-    torch.testing.assert_close(converted_logits, fake_logits, rtol=0, atol=0)
+    torch.testing.assert_close(logits(model, ids), fake_logits, rtol=0, atol=0)
+    set_kernels_enabled(model, True)
+    converted_logits = logits(model, ids)  # int4/int8 CPU kernels: same weights, other rounding
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(converted_logits, fake_logits, rtol=tolerance, atol=tolerance)
 
     save_quantized(model, None, tmp_path, scheme)
     meta = json.loads((tmp_path / "quantization.json").read_text())
@@ -314,6 +326,33 @@ def test_converted_equals_fake_quant_and_reloads(tmp_path, ids, scheme_name, dty
     generated = reloaded.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     expected = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert generated.shape == (1, 10) and torch.equal(generated, expected)
+
+
+@pytest.mark.parametrize(
+    "scheme_name,kernel",
+    [("int4-g32-sym", "int4pack"), ("int4-g64-asym", "int4pack"), ("int8-pc-sym", "int8pack")],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernels_match_reference_path(scheme_name, kernel, dtype):
+    scheme = QuantScheme.parse(scheme_name)
+    linear = nn.Linear(128, 48).to(dtype)
+    with torch.no_grad():
+        linear.weight.copy_(random_weight(48, 128, dtype))
+    module = QuantizedLinear.from_linear(linear, scheme)
+    assert module.kernel == kernel
+    x = torch.randn(2, 5, 128).to(dtype)
+    fast = module(x)
+    module.use_kernel = False
+    reference = module(x)
+    assert torch.equal(reference, FakeQuantLinear.from_linear(linear, scheme)(x))
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(
+        fast, reference, rtol=tolerance, atol=tolerance * reference.abs().max()
+    )
+    # No kernel where it cannot serve: 3 bits, int8 groups, +a8, out_features % 16 != 0.
+    for other in ("int3-g32-sym", "int8-g32-sym", "int4-g32-sym+a8"):
+        assert QuantizedLinear(128, 48, QuantScheme.parse(other)).kernel is None
+    assert QuantizedLinear(128, 40, scheme).kernel is (None if kernel == "int4pack" else kernel)
 
 
 def quantized_linear_bytes(path, names):
