@@ -43,6 +43,7 @@ from numbers import Integral
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
 LOGIT_LOSS_KINDS = (
@@ -322,8 +323,11 @@ def _objective_on_rows(
 # --------------------------------------------------------------------------------------------
 
 
-def _check_terms(terms: Sequence[LogitTerm], ce_weight: float, teacher: str | None) -> None:
-    """``teacher`` is "logits", "topk" or None."""
+def check_logit_terms(terms: Sequence[LogitTerm], ce_weight: float, teacher: str | None) -> None:
+    """Raise ValueError if the terms cannot run with this teacher ("logits", "topk" or None).
+
+    Both objectives call it; a trainer can call it at start-up to fail before loading models.
+    """
     for term in terms:
         if not isinstance(term, LogitTerm):
             raise ValueError(f"terms must be LogitTerm instances, got {term!r}")
@@ -359,14 +363,9 @@ def _resolve_vocab(vocab_size: int | None, student_rows: int, teacher_rows: int 
         return student_rows
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, Integral) or vocab_size < 1:
         raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
-    rows = (
-        {"student": student_rows}
-        if teacher_rows is None
-        else {
-            "student": student_rows,
-            "teacher": teacher_rows,
-        }
-    )
+    rows = {"student": student_rows}
+    if teacher_rows is not None:
+        rows["teacher"] = teacher_rows
     for side, side_rows in rows.items():
         if vocab_size > side_rows:
             raise ValueError(
@@ -459,7 +458,7 @@ def naive_logit_objective(
     teacher = (
         "logits" if teacher_logits is not None else "topk" if teacher_topk is not None else None
     )
-    _check_terms(terms, ce_weight, teacher)
+    check_logit_terms(terms, ce_weight, teacher)
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits must be [N, V], got {list(student_logits.shape)}")
     num_rows = student_logits.shape[0]
@@ -573,6 +572,7 @@ class _ChunkedLogitObjective(torch.autograd.Function):
         return total, sums
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_total: torch.Tensor, _grad_sums: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
@@ -613,7 +613,7 @@ def chunked_logit_objective(
             "pass either teacher_hidden + teacher_head_weight or teacher_topk, not both"
         )
     teacher = "logits" if has_teacher_head else "topk" if teacher_topk is not None else None
-    _check_terms(terms, ce_weight, teacher)
+    check_logit_terms(terms, ce_weight, teacher)
     _check_chunk_size(chunk_size)
     if student_hidden.dim() != 2 or student_head_weight.dim() != 2:
         raise ValueError(

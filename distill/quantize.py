@@ -41,9 +41,14 @@ linears randomly initialized)::
     model = load_quantized("runs/<name>/convert/model")          # device="cpu" by default
     tokenizer = AutoTokenizer.from_pretrained("runs/<name>/convert/model")
 
-``QuantizedLinear`` unpacks and dequantizes its weight on every forward (memory stays packed); on
-this CPU stack that is a storage win, not a speed win. ``activations="int8_dynamic"`` is likewise
-simulated (quantize-dequantize of the input per token, as torchao's
+Why not torchao's own storage: with torch 2.13 on x86 CPU, ``IntxWeightOnlyConfig`` keeps one int8
+per code (0.55x bf16 for int4, not 0.28x), its packed CPU layouts need KleidiAI (ARM) or torchao's
+C++ kernels (not built), and ``Int4WeightOnlyConfig`` needs mslk (CUDA).
+
+``QuantizedLinear`` keeps the packed codes in memory. On CPU, int4 (groups 32-256) and int8
+per-channel symmetric layers run torch's int4/int8 weight-only kernels; other schemes unpack and
+dequantize on every forward (a storage win, not a speed win). ``activations="int8_dynamic"`` is
+simulated (per-token quantize-dequantize of the input, as torchao's
 ``Int8DynamicActivationIntxWeightConfig`` does with its unpacked format): the numerics of an int8
 kernel, not its speed.
 """
@@ -670,7 +675,10 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, scheme: Qua
     }
     (out_dir / QUANT_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     if getattr(model, "config", None) is not None:
+        # Named in config.json so the directory says what it is; the in-memory config is restored.
         config = model.config
+        had_quantization_config = hasattr(config, "quantization_config")
+        previous = getattr(config, "quantization_config", None)
         config.quantization_config = {
             "quant_method": FORMAT_NAME,
             "scheme": scheme.name(),
@@ -679,7 +687,10 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, scheme: Qua
         try:
             config.save_pretrained(out_dir)
         finally:
-            del config.quantization_config
+            if had_quantization_config:
+                config.quantization_config = previous
+            else:
+                del config.quantization_config
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out_dir)
     if tokenizer is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from distill import checkpoint as ckpt
+from distill import faults
 from distill.config import ObjectiveSpec, TrainSpec
 from distill.data import BatchOrder
 from distill.tracking import Tracker
@@ -323,13 +325,16 @@ def train(job: TrainJob) -> TrainResult:
             scale = world * spec.grad_accum / max(global_count, 1)
             term_sums: dict[str, torch.Tensor] = {}
             loss_sum = torch.zeros((), device=device)
-            for mb in micro_batches:
+            for micro, mb in enumerate(micro_batches):
+                faults.before_micro(step, micro)
                 teacher_out = None
                 if job.teacher is not None:
                     teacher_out = teacher_forward(job.teacher, mb, want_states, autocast)
                 with acc.accumulate(module):
                     with autocast:
                         total, parts, _ = module(mb, teacher_out)
+                    if faults.loss_is_poisoned(step):
+                        total = total * float("nan")
                     acc.backward(total * scale)
                 loss_sum += total.detach().float()
                 for k, v in parts.items():
@@ -352,6 +357,7 @@ def train(job: TrainJob) -> TrainResult:
                 job.hooks.after_optimizer_step(acc.unwrap_model(module))
             state["step"] = step + 1
             state["tokens"] += global_count
+            faults.after_step()
             if state["bad_steps"] >= spec.max_bad_steps:
                 last = ckpt.find_latest_valid(ckpt_root)
                 raise TrainingDiverged(
@@ -457,19 +463,29 @@ def save_checkpoint(job: TrainJob, acc, state: dict, root: Path) -> Path:
         ckpt.check_free_space(root, ckpt.dir_bytes(previous[-1]) if previous else 0)
         ckpt.clean_stale_tmp(root)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp), safe_serialization=False)
-    acc.wait_for_everyone()
     path = root / ckpt.checkpoint_name(step)
-    if acc.is_main_process:
-        meta = {
-            **state,
-            "world_size": acc.num_processes,
-            "fingerprint": job.fingerprint,
-            "tracker_run_id": job.tracker.run_id,
-        }
-        (tmp / ckpt.STATE).write_text(json.dumps(meta, indent=1))
-        path = ckpt.commit(root, step, job.spec.keep_last)
-        job.log(f"saved checkpoint {path}")
+    try:
+        acc.save_state(str(tmp), safe_serialization=False)
+        faults.during_save(step)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            meta = {
+                **state,
+                "world_size": acc.num_processes,
+                "fingerprint": job.fingerprint,
+                "tracker_run_id": job.tracker.run_id,
+            }
+            (tmp / ckpt.STATE).write_text(json.dumps(meta, indent=1))
+            path = ckpt.commit(root, step, job.spec.keep_last)
+            job.log(f"saved checkpoint {path}")
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = ckpt.list_checkpoints(root)
+        raise ckpt.CheckpointError(
+            f"saving the checkpoint of step {step} in {root} failed: {err}. The previous "
+            f"checkpoint ({previous[-1] if previous else 'none'}) is intact; free disk space or "
+            "fix permissions, then run the same command again to resume from it."
+        ) from err
     acc.wait_for_everyone()
     return path
 

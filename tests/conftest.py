@@ -52,3 +52,87 @@ def run_cli(*args, env=None, check=True, timeout=900, cwd=None):
             f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"
         )
     return proc
+
+
+def tiny_recipe(path: Path, stages: list[dict] | None = None, **top) -> Path:
+    """A recipe small enough for a test to run many times: 2-layer models, vocab 320, 32 tokens."""
+    import yaml
+
+    recipe = {
+        "name": "tiny",
+        "output_dir": str(path.parent / "run"),
+        "seed": 0,
+        "data": {"stdlib": True, "max_documents": 12, "seq_len": 32, "eval_max_blocks": 8},
+        "tokenizer": {"source": "train", "train": {"vocab_size": 320}},
+        "models": {
+            "teacher": {
+                "config": {
+                    "model_type": "llama",
+                    "hidden_size": 64,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 2,
+                    "num_key_value_heads": 2,
+                    "intermediate_size": 128,
+                    "max_position_embeddings": 32,
+                }
+            },
+            "student": {
+                "config": {
+                    "model_type": "llama",
+                    "hidden_size": 32,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 2,
+                    "num_key_value_heads": 2,
+                    "intermediate_size": 64,
+                    "max_position_embeddings": 32,
+                }
+            },
+        },
+        "train": {
+            "batch_size": 4,
+            "lr": 3e-3,
+            "log_every": 1,
+            "save_every": 0,
+            "precision": "fp32",
+        },
+        "eval": {"batch_size": 8},
+        "stages": stages
+        or [
+            {"name": "teacher", "kind": "train", "model": "teacher", "train": {"max_steps": 12}},
+            {
+                "name": "distilled",
+                "kind": "distill",
+                "model": "student",
+                "teacher": "teacher",
+                "train": {"max_steps": 12},
+            },
+        ],
+    }
+    recipe.update(top)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def losses_by_step(metrics_path: Path) -> dict[int, float]:
+    """The last logged training loss of each step (a resumed run logs recomputed steps again)."""
+    import json
+
+    out = {}
+    for line in metrics_path.read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            out[row["step"]] = row["loss"]
+    return out
+
+
+def all_rows(metrics_path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in metrics_path.read_text().splitlines()]
+
+
+def same_weights(dir_a: Path, dir_b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    a, b = load_file(dir_a / "model.safetensors"), load_file(dir_b / "model.safetensors")
+    return a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)

@@ -202,11 +202,7 @@ def test_frozen_head_and_frozen_hidden():
         problem.teacher_weight, vocab_size=problem.vocab, chunk_size=8,
     )  # fmt: skip
     out.total.backward()
-    assert_rel_close(weight.grad, naive_weight_grad(problem, terms), 1e-10)
-
-
-def naive_weight_grad(problem, terms):
-    return run_naive(problem, terms, 0.5, "logits")[2]
+    assert_rel_close(weight.grad, run_naive(problem, terms, 0.5, "logits")[2], 1e-10)
 
 
 def test_teacher_gets_no_gradient_and_no_grad_mode_works():
@@ -250,6 +246,14 @@ def test_masked_rows_contribute_nothing():
     naive.total.backward()
     assert_rel_close(naive.total.detach(), reference[0].total.detach(), 1e-12)
     assert torch.all(student.grad[masked] == 0) and torch.isfinite(student.grad).all()
+
+    # A teacher cache may hold anything on masked rows (ids out of range, nan log-probs).
+    topk_problem = make_problem()
+    topk_reference = run_chunked(topk_problem, [LogitTerm("jsd")], 1.0, "topk", 4)
+    topk_problem.topk[0][masked] = float("nan")
+    topk_problem.topk[1][masked] = -1
+    garbage = run_chunked(topk_problem, [LogitTerm("jsd")], 1.0, "topk", 4)
+    assert_outputs_match(garbage, topk_reference, 1e-12)
 
 
 @pytest.mark.parametrize("teacher", ["logits", "topk", None])
@@ -552,15 +556,9 @@ class LargestAllocation(TorchDispatchMode):
         return out
 
 
-MEMORY_SHAPES = [
-    pytest.param(1024, 4000, 128, id="n1024-v4000"),
-    pytest.param(2048, 8000, 256, id="n2048-v8000", marks=pytest.mark.slow),
-]
-
-
-@pytest.mark.parametrize(("n", "vocab", "chunk_size"), MEMORY_SHAPES)
 @pytest.mark.parametrize("teacher", ["logits", "topk"])
-def test_chunked_path_never_allocates_tokens_by_vocab(teacher, n, vocab, chunk_size):
+def test_chunked_path_never_allocates_tokens_by_vocab(teacher):
+    n, vocab, chunk_size = 2048, 8000, 256
     width = 16
     gen = torch.Generator().manual_seed(5)
     hidden = torch.randn(n, width, generator=gen, requires_grad=True)
