@@ -4,6 +4,7 @@ finished stages, and models that reload with plain transformers."""
 import json
 
 import pytest
+
 from conftest import RECIPES, TINY, run_cli
 
 QUICKSTART = RECIPES / "quickstart.yaml"
