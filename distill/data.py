@@ -154,6 +154,11 @@ def is_heldout(doc_id: str, eval_fraction: float) -> bool:
 
 
 def split_documents(docs: list[Document], eval_fraction: float) -> tuple[list[str], list[str]]:
+    if len(docs) < 2:
+        raise RecipeError(
+            f"data: found {len(docs)} document; at least 2 are needed (one to train on, one held "
+            "out for evaluation); add text files or records"
+        )
     train, held = [], []
     for doc_id, text in docs:
         (held if is_heldout(doc_id, eval_fraction) else train).append(text)

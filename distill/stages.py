@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from distill.config import QuantSpec
+from distill.config import QuantSpec, RecipeError
 from distill.models import count_params, dir_size_bytes, freeze
 from distill.pipeline import (
     RunContext,
@@ -70,11 +70,21 @@ def _latency(ctx: RunContext, model, stage) -> float | None:
 def _entry(ctx: RunContext, stage, model, out: Path, metrics: dict, **extra) -> dict:
     return {
         "model_dir": str(out),
+        "from": stage.model,
         "params": count_params(model),
         "size_bytes": dir_size_bytes(out),
         "eval": {"perplexity": metrics["perplexity"], "loss": metrics["loss"]},
+        # a float stage's scheme is the dtype of its stored weights ("fp32", "bf16")
+        "scheme": extra.pop("scheme", None) or _float_scheme(model),
         **{k: v for k, v in extra.items() if v is not None},
     }
+
+
+def _float_scheme(model) -> str:
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        dtype, str(dtype).removeprefix("torch.")
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,10 +93,10 @@ def _entry(ctx: RunContext, stage, model, out: Path, metrics: dict, **extra) -> 
 
 def run_training_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
     from distill import losses
-    from distill.models import add_lora, hidden_width, num_layers, unwrap_lora
+    from distill.models import add_lora, hidden_width, unwrap_lora
     from distill.pipeline import make_accelerator
     from distill.tracking import Tracker
-    from distill.trainer import DistillModule, TrainHooks, TrainJob, autocast_for, train
+    from distill.trainer import DistillModule, TrainHooks, TrainJob, train
 
     spec = _capped(ctx, stage.train)
     acc = make_accelerator(spec.grad_accum)
@@ -120,9 +130,13 @@ def run_training_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
     if stage.kind == "qat":
         from distill import quantize
 
+        if model_spec is not None and model_spec.lora is not None:
+            raise RecipeError(
+                f"stage {stage.name!r}: `qat` trains all weights of the fake-quantized student; "
+                f"remove `lora` from models.{stage.model} (LoRA deltas would not be quantized)"
+            )
         quant = stage.quant
-        scheme = _scheme(quant)
-        quantize.prepare_qat(student, scheme)
+        _prepare_fake_quant(stage, student, _scheme(quant))
         start = stage.fake_quant_after
         quantize.set_fake_quant_enabled(student, start == 0)
         if start:
@@ -139,12 +153,13 @@ def run_training_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
     objective = getattr(stage, "objective", None) if teacher is not None else None
     layer_map, projections = None, None
     if objective is not None and objective.hidden is not None:
-        layer_map = losses.resolve_layer_map(
-            objective.hidden.layer_map, num_layers(student), num_layers(teacher)
-        )
-        projections = losses.HiddenProjections(
-            layer_map, hidden_width(student), hidden_width(teacher), objective.hidden.projection
-        )
+        try:
+            layer_map = hidden_layer_map(ctx, stage, student, teacher)
+            projections = losses.HiddenProjections(
+                layer_map, hidden_width(student), hidden_width(teacher), objective.hidden.projection
+            )
+        except ValueError as err:
+            raise RecipeError(f"stage {stage.name!r} objective.hidden: {err}") from err
     module = DistillModule(student, objective, len(ctx.tokenizer), layer_map, projections)
     sdir = stage_dir(ctx, stage.name)
     wandb_spec = ctx.recipe.tracking.wandb
@@ -178,15 +193,15 @@ def run_training_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
         tracker.close()
     trained = acc.unwrap_model(module).student
     out = model_dir(ctx, stage.name)
-    autocast = autocast_for(spec, acc.device)
     if quant is not None:
         from distill import quantize
 
-        # metric of the stage: with fake quantization on (what the converted model will compute)
+        # The stage's metric: fake quantization on (what the converted model computes), in fp32
+        # like the ptq and convert stages, so the rounding is the only difference they measure.
         quantize.set_fake_quant_enabled(trained, True)
-        metrics = _heldout(ctx, trained, stage, autocast)
+        metrics = _heldout(ctx, trained, stage)
         quantize.remove_fake_quant(trained)
-        extra["scheme"] = _scheme(quant).name()
+        extra.update(_qat_extra(ctx, stage, _scheme(quant).name(), metrics["perplexity"]))
     else:
         metrics = result.eval
     export = (
@@ -204,6 +219,8 @@ def run_training_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
         extra["teacher_agreement"] = teacher_agreement(
             export, teacher, ctx.data.eval, 16, len(ctx.tokenizer)
         )
+    if stage.kind == "distill":
+        extra.update(_recovery_extra(ctx, stage, metrics["perplexity"]))
     if extra.get("keep_sparsity"):
         extra["sparsity"] = sparsity_of(export)
     return _entry(
@@ -248,16 +265,15 @@ def _previous_run_id(sdir: Path) -> str | None:
 
 
 def run_prune_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
-    from distill.prune import prune_model
+    """Prune the model, measure it before and after, save it with its prune record."""
+    from distill.prune import RECORD_FILE, prune_model
 
     p = stage.prune
     model = load_ref(ctx, stage.model, "model to prune")
     check_model_against_tokenizer(ctx, stage.model, model, f"model {stage.model!r}")
-    before = _heldout(ctx, model, stage)
-    gen = torch.Generator().manual_seed(ctx.recipe.seed)
-    batch = 8
-    picks = torch.randperm(len(ctx.data.train), generator=gen)[: p.calibration_batches * batch]
-    calibration = list(ctx.data.train[picks].split(batch))
+    model.to(ctx.accelerator.device)
+    autocast = _upstream_autocast(ctx, stage.model)
+    before = _heldout(ctx, model, stage, autocast)
     result = prune_model(
         model,
         p.method,
@@ -266,17 +282,19 @@ def run_prune_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
         m=p.m,
         scoring=p.scoring,
         scope=p.scope,
-        calibration=calibration,
+        calibration=_calibration_batches(ctx, p.calibration_batches),
         width_heads_fraction=p.heads_fraction,
         width_mlp_fraction=p.mlp_fraction,
         depth_layers=p.layers,
     )
-    metrics = _heldout(ctx, model, stage)
+    metrics = _heldout(ctx, model, stage, autocast)
     out = model_dir(ctx, stage.name)
-    _export(ctx, model, out)
+    record = result.record(source=stage.model)
+    _export(ctx, model, out, {RECORD_FILE: json.dumps(record, indent=2)})
     ctx.accelerator.wait_for_everyone()
     ctx.log(
-        f"pruned {stage.model!r} with {p.method}: sparsity {result.sparsity:.3f}, perplexity "
+        f"pruned {stage.model!r} with {p.method}: sparsity {result.sparsity:.3f}, parameters "
+        f"{result.params_before:,} -> {result.params_after:,}, perplexity "
         f"{before['perplexity']:.2f} -> {metrics['perplexity']:.2f}"
     )
     return _entry(
@@ -290,15 +308,100 @@ def run_prune_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
         params_before=result.params_before,
         perplexity_before=before["perplexity"],
         steps=0,
-        details=_jsonable(result.details),
+        details=record["details"],
         latency_s=_latency(ctx, model, stage),
     )
 
 
-def _jsonable(details: dict) -> dict:
-    return json.loads(
-        json.dumps(details, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-    )
+def _calibration_batches(ctx: RunContext, num_batches: int) -> list[torch.Tensor]:
+    """`num_batches` batches of training blocks, drawn with the recipe's seed (same every run)."""
+    from distill.prune import CALIBRATION_BATCH_SIZE
+
+    gen = torch.Generator().manual_seed(ctx.recipe.seed)
+    count = num_batches * CALIBRATION_BATCH_SIZE
+    picks = torch.randperm(len(ctx.data.train), generator=gen)[:count]
+    return list(ctx.data.train[picks].split(CALIBRATION_BATCH_SIZE))
+
+
+def _upstream_autocast(ctx: RunContext, ref: str):
+    """The autocast of the nearest training stage upstream of `ref` (None: fp32).
+
+    A prune stage measures perplexity before and after pruning the way the stages around it do,
+    so its "before" equals the source stage's own number and the loss recovery later wins back is
+    not mixed with the bf16-vs-fp32 difference.
+    """
+    from distill.trainer import autocast_for
+
+    earlier = {entry["name"] for entry in ctx.entries}
+    while ref in earlier:
+        source = ctx.recipe.stage(ref)
+        if hasattr(source, "train"):
+            return autocast_for(source.train, ctx.accelerator.device)
+        ref = source.model
+    return None
+
+
+def _recovery_extra(ctx: RunContext, stage, perplexity: float) -> dict:
+    """For a `distill` stage whose student is a prune stage's output (pruning recovery): the prune
+    stage to compare with, and the share of the perplexity it lost that training won back."""
+    from distill.evaluate import recovered_fraction
+
+    pruned = next((e for e in ctx.entries if e["name"] == stage.model), None)
+    if pruned is None or pruned["kind"] != "prune":
+        return {}
+    return {
+        "compare_to": pruned["name"],
+        "recovered_fraction": recovered_fraction(
+            pruned["perplexity_before"], pruned["eval"]["perplexity"], perplexity
+        ),
+    }
+
+
+def hidden_layer_map(ctx: RunContext, stage, student, teacher) -> list[tuple[int, int]]:
+    """The (student layer, teacher layer) pairs of a stage's hidden-state loss.
+
+    `uniform` spreads the student's layers evenly over the teacher's; but a student made by
+    removing layers from a model shaped like its teacher keeps each layer's counterpart: its
+    surviving layers map to their original indices, read from the prune record in its model dir.
+    """
+    from distill import losses
+    from distill.models import num_layers
+
+    spec = stage.objective.hidden.layer_map
+    student_layers, teacher_layers = num_layers(student), num_layers(teacher)
+    if spec == "uniform":
+        kept = _layers_kept_by_depth_prune(ctx, stage.model, teacher_layers)
+        if kept is not None and len(kept) == student_layers:
+            pairs = list(enumerate(kept))
+            ctx.log(f"hidden-state layer map follows the depth prune of {stage.model!r}: {pairs}")
+            return losses.resolve_layer_map(pairs, student_layers, teacher_layers)
+    return losses.resolve_layer_map(spec, student_layers, teacher_layers)
+
+
+def _layers_kept_by_depth_prune(ctx: RunContext, ref: str, teacher_layers: int) -> list | None:
+    """Original indices of the layers a depth prune of a `teacher_layers`-layer model kept, when
+    the model `ref` names was made that way (its dir holds a depth prune record); else None."""
+    from distill.config import looks_local
+    from distill.prune import RECORD_FILE
+
+    entry = next((e for e in ctx.entries if e["name"] == ref), None)
+    spec = ctx.recipe.models.get(ref) if entry is None else None
+    if entry is not None:
+        path = Path(entry["model_dir"])
+    elif spec is not None and spec.path and looks_local(spec.path):
+        path = Path(spec.path).expanduser()
+    else:
+        return None
+    if not (path / RECORD_FILE).is_file():
+        return None
+    record = json.loads((path / RECORD_FILE).read_text())
+    removed = record.get("details", {}).get("removed_layers")
+    if record.get("method") != "depth" or removed is None:
+        return None
+    original = record["details"]["num_hidden_layers"] + len(removed)
+    if original != teacher_layers:
+        return None
+    return [i for i in range(original) if i not in removed]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,7 +417,38 @@ def _scheme(quant: QuantSpec):
         symmetric=quant.symmetric,
         activations=quant.activations,
         exclude=tuple(quant.exclude),
+        scale_dtype=quant.scale_dtype,
     )
+
+
+def _prepare_fake_quant(stage, model, scheme) -> None:
+    """prepare_qat, with a scheme that does not fit the model reported as a recipe error."""
+    from distill import quantize
+
+    try:
+        quantize.prepare_qat(model, scheme)
+    except ValueError as err:
+        raise RecipeError(f"stage {stage.name!r} (quant): {err}") from None
+
+
+def _qat_extra(ctx: RunContext, stage, scheme_name: str, perplexity: float) -> dict:
+    """Scheme, start of fake quantization, and what QAT won back over the `ptq` stage of the same
+    scheme and starting model, when the recipe has one."""
+    from distill.evaluate import recovered_fraction
+
+    extra = {"scheme": scheme_name, "fake_quant_after": stage.fake_quant_after}
+    for entry in reversed(ctx.entries):
+        if (
+            entry["kind"] == "ptq"
+            and entry.get("scheme") == scheme_name
+            and entry.get("from") == stage.model
+        ):
+            extra["compare_to"] = entry["name"]
+            extra["recovered_fraction"] = recovered_fraction(
+                entry["perplexity_before"], entry["eval"]["perplexity"], perplexity
+            )
+            break
+    return extra
 
 
 def _stage_quant(ctx: RunContext, ref: str) -> QuantSpec | None:
@@ -327,18 +461,36 @@ def _stage_quant(ctx: RunContext, ref: str) -> QuantSpec | None:
 
 
 def run_ptq_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
+    """Fake-quantize the model and evaluate it (fp32, no training): the baseline QAT must beat.
+    Writes the float weights and the scheme, which a `convert` stage can turn into packed ones."""
     from distill import quantize
 
     model = load_ref(ctx, stage.model, "model to quantize")
+    check_model_against_tokenizer(ctx, stage.model, model, f"model {stage.model!r}")
     scheme = _scheme(stage.quant)
-    quantize.prepare_qat(model, scheme)
+    before = _heldout(ctx, model, stage)  # full precision, measured the same way
+    _prepare_fake_quant(stage, model, scheme)
     quantize.set_fake_quant_enabled(model, True)
     metrics = _heldout(ctx, model, stage)
     quantize.remove_fake_quant(model)
     out = model_dir(ctx, stage.name)
     _export(ctx, model, out, {QUANT_FILE: json.dumps(stage.quant.model_dump(mode="json"))})
     ctx.accelerator.wait_for_everyone()
-    return _entry(ctx, stage, model, out, metrics, scheme=scheme.name(), steps=0)
+    increase = (metrics["perplexity"] / before["perplexity"] - 1) * 100
+    ctx.log(
+        f"{scheme.name()} without training: perplexity {before['perplexity']:.2f} -> "
+        f"{metrics['perplexity']:.2f} ({increase:+.2f} %)"
+    )
+    return _entry(
+        ctx,
+        stage,
+        model,
+        out,
+        metrics,
+        scheme=scheme.name(),
+        perplexity_before=before["perplexity"],
+        steps=0,
+    )
 
 
 def run_convert_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
@@ -346,15 +498,16 @@ def run_convert_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
 
     quant = stage.quant or _stage_quant(ctx, stage.model)
     if quant is None:
-        from distill.config import RecipeError
-
         raise RecipeError(
             f"stage {stage.name!r}: `convert` needs a scheme: set `quant` on the stage, or convert "
             "the output of a `qat` or `ptq` stage"
         )
     scheme = _scheme(quant)
     model = load_ref(ctx, stage.model, "model to convert")
-    quantize.convert_model(model, scheme)
+    try:
+        quantize.convert_model(model, scheme)
+    except ValueError as err:
+        raise RecipeError(f"stage {stage.name!r} (quant): {err}") from None
     out = model_dir(ctx, stage.name)
     if ctx.is_main:
         import shutil
@@ -367,17 +520,21 @@ def run_convert_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
             shutil.rmtree(out)
         tmp.rename(out)
     ctx.accelerator.wait_for_everyone()
+    # Measured on the model as a user gets it: reloaded from disk, CPU kernels where they exist.
     loaded = quantize.load_quantized(out)
     metrics = _heldout(ctx, loaded, stage)
-    return {
+    entry = {
         "model_dir": str(out),
+        "from": stage.model,
         "params": count_params(loaded),
         "size_bytes": quantize.quantized_size_bytes(out),
         "eval": {"perplexity": metrics["perplexity"], "loss": metrics["loss"]},
         "scheme": scheme.name(),
+        "compare_to": stage.model,
         "steps": 0,
-        **({"latency_s": lat} if (lat := _latency(ctx, loaded, stage)) is not None else {}),
+        "latency_s": _latency(ctx, loaded, stage),
     }
+    return {k: v for k, v in entry.items() if v is not None}
 
 
 RUNNERS = {
