@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
+import string
 import sys
 from pathlib import Path
 
@@ -48,7 +50,10 @@ class Tracker:
             )
             return
         if self.run_id is None:
-            self.run_id = wandb.util.generate_id()
+            # not `random`: drawing from the global RNG would change the training run
+            self.run_id = "".join(
+                secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8)
+            )
         try:
             self._wandb_run = wandb.init(
                 project=spec.project,
