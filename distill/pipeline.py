@@ -18,8 +18,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from distill.config import ModelSpec, Recipe, RecipeError
 
 STAGE_DONE = "stage.json"
@@ -53,8 +51,14 @@ def run_recipe(recipe: Recipe, max_steps: int | None = None, force_resume: bool 
 
     from distill.evaluate import write_report, write_summary
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-shard save/load bars drown the training log
     ctx = RunContext(recipe, recipe.resolved_output_dir, max_steps, force_resume)
     ctx.accelerator = make_accelerator(1)
+    from distill.distributed import check_same_recipe
+
+    check_same_recipe(ctx.accelerator, f"{_recipe_yaml(recipe)}\nmax_steps={max_steps}")
     if ctx.is_main:
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         (ctx.out_dir / "recipe.yaml").write_text(_recipe_yaml(recipe))
@@ -73,15 +77,11 @@ def run_recipe(recipe: Recipe, max_steps: int | None = None, force_resume: bool 
 
 
 def make_accelerator(grad_accum: int):
-    """One Accelerator per training stage (grad accumulation differs between stages)."""
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    """One Accelerator per training stage (grad accumulation differs between stages); gloo on
+    machines without CUDA, and clear errors when a rank does not join (see distributed.py)."""
+    from distill import distributed
 
-    kwargs = []
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # without this, accelerate on a CPU-only machine records one process under a launcher
-        kwargs.append(InitProcessGroupKwargs(backend="gloo"))
-    return Accelerator(gradient_accumulation_steps=grad_accum, kwargs_handlers=kwargs)
+    return distributed.make_accelerator(grad_accum)
 
 
 def _recipe_yaml(recipe: Recipe) -> str:
@@ -196,6 +196,25 @@ def load_ref(ctx: RunContext, ref: str, what: str, dtype: str | None = None):
     if dtype is not None and spec.dtype == "float32":
         spec = spec.model_copy(update={"dtype": dtype})
     return build_model(spec, ctx.tokenizer, seed=ctx.recipe.seed, what=ref)
+
+
+def ref_config(ctx: RunContext, ref: str):
+    """The transformers config of a model by reference, without loading its weights."""
+    from transformers import AutoConfig
+
+    entry = _earlier_stage(ctx, ref)
+    if entry is not None:
+        return AutoConfig.from_pretrained(entry["model_dir"])
+    spec: ModelSpec = ctx.recipe.models[ref]
+    if spec.config is not None:
+        fields = dict(spec.config)
+        fields.setdefault("vocab_size", len(ctx.tokenizer))
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    return AutoConfig.from_pretrained(
+        os.path.expanduser(spec.path),
+        trust_remote_code=spec.trust_remote_code,
+        revision=spec.revision,
+    )
 
 
 def ref_spec(ctx: RunContext, ref: str) -> ModelSpec | None:
