@@ -299,6 +299,8 @@ class QuantSpec(Section):
     """Also fake-quantize activations per token to int8."""
     exclude: list[str] = ["lm_head"]
     """Linear layers (name patterns) left in full precision; embeddings are never quantized."""
+    scale_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Dtype the per-group scales are rounded to and stored in."""
 
     @field_validator("group_size")
     @classmethod
@@ -326,6 +328,8 @@ class StageBase(Section):
     """The model this stage starts from: a previous stage's name or a key of `models`."""
     eval: EvalSpec | None = None
     """Overrides the recipe's `eval` for this stage."""
+    compare_to: str | None = None
+    """An earlier stage to compare with in the report (e.g. the baseline a distilled student beats)."""
 
 
 class TrainingStageBase(StageBase):
@@ -428,14 +432,24 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _references(self) -> Recipe:
         seen: list[str] = []
+        converted: set[str] = set()
         for i, stage in enumerate(self.stages):
             if stage.name in seen:
                 raise ValueError(f"stages.{i}.name: stage name {stage.name!r} is used twice")
             refs = [("model", stage.model)]
+            if stage.compare_to is not None:
+                refs.append(("compare_to", stage.compare_to))
             teacher = getattr(stage, "teacher", None)
             if teacher is not None:
                 refs.append(("teacher.model", teacher.model))
             for key, ref in refs:
+                if ref in converted:
+                    raise ValueError(
+                        f"stages.{i}.{key}: {ref!r} is a `convert` stage; its packed low-bit "
+                        "model is for inference (distill.quantize.load_quantized) and cannot be "
+                        "trained, pruned, quantized or used as a teacher; name the stage it was "
+                        "converted from instead"
+                    )
                 if ref not in seen and ref not in self.models:
                     allowed = list(dict.fromkeys(seen + list(self.models)))
                     close = difflib.get_close_matches(ref, allowed, n=1)
@@ -445,6 +459,8 @@ class Recipe(Section):
                         f"`models` (allowed: {', '.join(allowed) or 'none'}){hint}"
                     )
             seen.append(stage.name)
+            if stage.kind == "convert":
+                converted.add(stage.name)
         return self
 
     @property

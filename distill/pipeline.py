@@ -281,8 +281,12 @@ def run_stage(ctx: RunContext, stage) -> dict:
     t0 = time.perf_counter()
     runner = stages.RUNNERS[stage.kind]
     entry = runner(ctx, stage, fp)
-    entry.setdefault("wall_s", time.perf_counter() - t0)
+    if "wall_s" in entry:  # the training loop's own time; the stage's includes load/eval/export
+        entry["train_wall_s"] = entry["wall_s"]
+    entry["wall_s"] = time.perf_counter() - t0
     entry = {"name": stage.name, "kind": stage.kind, **entry}
+    if stage.compare_to:
+        entry["compare_to"] = stage.compare_to
     if ctx.is_main:
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps({"fingerprint": fp, "entry": entry}, indent=2))
