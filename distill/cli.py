@@ -52,20 +52,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method", required=True, choices=["magnitude", "wanda", "nm", "width", "depth"]
     )
-    p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--scope", choices=["layer", "global"], default="layer")
-    p.add_argument("--n", type=int, default=2)
-    p.add_argument("--m", type=int, default=4)
-    p.add_argument("--scoring", choices=["magnitude", "wanda"], default="wanda")
-    p.add_argument("--heads-fraction", type=float, default=0.25)
-    p.add_argument("--mlp-fraction", type=float, default=0.25)
-    p.add_argument("--layers", help="depth: a count, or comma-separated 0-based layer indices")
+    p.add_argument(
+        "--sparsity", type=float, default=0.5, help="magnitude, wanda: fraction of zero weights"
+    )
+    p.add_argument(
+        "--scope",
+        choices=["layer", "global"],
+        default="layer",
+        help="magnitude: rank weights per matrix or across all",
+    )
+    p.add_argument("--n", type=int, default=2, help="nm: weights kept per group")
+    p.add_argument("--m", type=int, default=4, help="nm: group size")
+    p.add_argument(
+        "--scoring", choices=["magnitude", "wanda"], default="wanda", help="nm: weight score"
+    )
+    p.add_argument(
+        "--heads-fraction", type=float, default=0.25, help="width: fraction of heads removed"
+    )
+    p.add_argument(
+        "--head-unit",
+        choices=["kv_group", "query_head"],
+        default="kv_group",
+        help="width: remove whole KV groups, or query heads within every group (GQA)",
+    )
+    p.add_argument(
+        "--mlp-fraction", type=float, default=0.25, help="width: fraction of MLP channels removed"
+    )
+    p.add_argument(
+        "--layers",
+        help="depth: a count to remove (ranked on calibration data), or 0-based indices with "
+        "commas: 1,3 (one index: 3,)",
+    )
     p.add_argument(
         "--calibration",
-        help="text file(s) or glob for calibration activations (wanda, nm with wanda, width, depth)",
+        nargs="+",
+        metavar="FILE",
+        help="text/JSONL/Parquet file(s) or globs for calibration activations (wanda, nm with "
+        "wanda scoring, width, depth by rank)",
     )
-    p.add_argument("--calibration-batches", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--calibration-batches", type=int, default=8, help="batches of 8 blocks")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration block")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="load and save in this dtype (auto: as stored)",
+    )
 
     p = sub.add_parser("bench", help="throughput, MFU and peak memory of a recipe's training step")
     _add_recipe_args(p)
@@ -120,6 +152,8 @@ def cmd_run(args) -> int:
     try:
         entries = run_recipe(recipe, max_steps=args.max_steps, force_resume=args.force_resume)
     except StopRequested as stop:
+        if not _is_main_rank():
+            return EXIT_PREEMPTED
         print(
             f"distill: stopped by signal; checkpoint {stop.checkpoint}. Run the same command "
             f"again to resume (exit code {EXIT_PREEMPTED}).",
@@ -133,10 +167,15 @@ def cmd_run(args) -> int:
         print(f"distill: error: {err}", file=sys.stderr)
         return 1
     out = recipe.resolved_output_dir
-    print(
-        f"done: {len(entries)} stages; summary {out / 'summary.json'}, report {out / 'report.md'}"
-    )
+    if _is_main_rank():
+        print(
+            f"done: {len(entries)} stages; summary {out / 'summary.json'}, report {out / 'report.md'}"
+        )
     return 0
+
+
+def _is_main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def cmd_check(args) -> int:
@@ -149,6 +188,8 @@ def cmd_check(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from pathlib import Path
+
     from distill.config import load_recipe
     from distill.evaluate import generate_latency_s, heldout_metrics
     from distill.models import count_params, dir_size_bytes, load_pretrained
@@ -162,17 +203,27 @@ def cmd_eval(args) -> int:
     ctx.accelerator = make_accelerator(1)
     prepare_tokenizer_and_data(ctx)
     quant_meta = os.path.join(args.model_dir, "quantization.json")
-    if os.path.isfile(quant_meta):
+    fake_quant = os.path.join(args.model_dir, "distill_quant.json")
+    scheme = None
+    if os.path.isfile(quant_meta):  # a `convert` stage's packed low-bit model
         from distill.quantize import load_quantized
 
         model = load_quantized(args.model_dir)
+        scheme = json.loads(Path(quant_meta).read_text())["scheme_name"]
     else:
         model = load_pretrained(args.model_dir, what="model to evaluate")
+    if os.path.isfile(fake_quant):  # a `ptq`/`qat` stage's float weights: measured fake-quantized
+        from distill.quantize import QuantScheme, prepare_qat
+
+        quant_scheme = QuantScheme.from_dict(json.loads(Path(fake_quant).read_text()))
+        prepare_qat(model, quant_scheme)
+        scheme = quant_scheme.name()
     metrics = heldout_metrics(model, ctx.data.eval, recipe.eval.batch_size, len(ctx.tokenizer))
     result = {
         "model_dir": args.model_dir,
         "params": count_params(model),
         "size_bytes": dir_size_bytes(args.model_dir),
+        **({"scheme": scheme} if scheme else {}),
         **metrics,
     }
     if args.latency:

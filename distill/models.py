@@ -69,6 +69,12 @@ def load_pretrained(
             f"{what}: {path!r} has no config.json, so it is not a saved transformers model; "
             "point at the directory written by save_pretrained"
         )
+    if os.path.isdir(path) and (Path(path) / "quantization.json").is_file():
+        raise RecipeError(
+            f"{what}: {path!r} holds a converted low-bit model (written by a `convert` stage): it "
+            "is for inference only (load it with distill.quantize.load_quantized); to train, "
+            "prune or quantize, point at the float model it was converted from"
+        )
     kwargs = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
     if revision:
         kwargs["revision"] = revision
@@ -136,7 +142,7 @@ def check_same_tokenizer(reference, other, reference_name: str, other_name: str)
 def check_head_covers_tokenizer(model, tokenizer, what: str) -> None:
     """lm_head rows may be padded past the tokenizer (Qwen: 151,936 tokens, 152,064 rows);
     fewer rows than tokens is a real mismatch."""
-    rows = model.get_output_embeddings().weight.shape[0]
+    rows = weight_shape(model.get_output_embeddings().weight)[0]
     if rows < len(tokenizer):
         raise RecipeError(
             f"{what}: its lm_head has {rows} rows but the tokenizer has {len(tokenizer)} tokens; "
@@ -154,8 +160,13 @@ def check_seq_len(model, seq_len: int, what: str) -> None:
         )
 
 
+def weight_shape(weight) -> torch.Size:
+    """A weight's full shape, also when ZeRO-3 holds only this rank's flat partition of it."""
+    return getattr(weight, "ds_shape", weight.shape)
+
+
 def hidden_width(model) -> int:
-    return model.get_output_embeddings().weight.shape[1]
+    return weight_shape(model.get_output_embeddings().weight)[1]
 
 
 def num_layers(model) -> int:

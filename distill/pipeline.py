@@ -48,17 +48,18 @@ class RunContext:
 def run_recipe(recipe: Recipe, max_steps: int | None = None, force_resume: bool = False) -> list:
     """Run every stage of `recipe`; returns the summary entries."""
     from accelerate import Accelerator
+    from transformers.utils import logging as hf_logging
 
     from distill.evaluate import write_report, write_summary
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-shard save/load bars drown the training log
     ctx = RunContext(recipe, recipe.resolved_output_dir, max_steps, force_resume)
     ctx.accelerator = make_accelerator(1)
-    from distill.distributed import check_same_recipe
+    from distill.distributed import check_launch, check_same_recipe
 
+    # several processes must agree on the recipe, and the launch must suit every stage of it
     check_same_recipe(ctx.accelerator, f"{_recipe_yaml(recipe)}\nmax_steps={max_steps}")
+    check_launch(ctx.accelerator, recipe)
     if ctx.is_main:
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         (ctx.out_dir / "recipe.yaml").write_text(_recipe_yaml(recipe))
@@ -272,12 +273,23 @@ def run_stage(ctx: RunContext, stage) -> dict:
         if record.get("fingerprint") == fp:
             ctx.log(f"stage {stage.name!r} already finished with these settings; skipping")
             return record["entry"]
-        ctx.log(f"stage {stage.name!r} has output from other settings; running it again")
+        previous = stage_dir(ctx, stage.name).with_name(
+            f"{stage.name}.previous-{record.get('fingerprint')}"
+        )
+        ctx.log(
+            f"stage {stage.name!r} has output from other settings; running it again (the "
+            f"finished output moves to {previous})"
+        )
+        if ctx.is_main:
+            # A finished stage's checkpoints belong to its old settings: kept aside, not resumed
+            # from, so nothing is lost and nothing is mistaken for progress of the new settings.
+            if previous.exists():
+                shutil.rmtree(previous)
+            stage_dir(ctx, stage.name).rename(previous)
+        ctx.accelerator.wait_for_everyone()
     ctx.log(f"stage {stage.name!r} ({stage.kind}) starting")
     if ctx.is_main:
         stage_dir(ctx, stage.name).mkdir(parents=True, exist_ok=True)
-        if done.exists():
-            done.unlink()
     t0 = time.perf_counter()
     runner = stages.RUNNERS[stage.kind]
     entry = runner(ctx, stage, fp)

@@ -26,6 +26,7 @@ from distill import checkpoint as ckpt
 from distill import faults
 from distill.config import ObjectiveSpec, TrainSpec
 from distill.data import BatchOrder
+from distill.distributed import full_weight, is_partitioned, register_head
 from distill.tracking import Tracker
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving; run again to resume
@@ -87,14 +88,37 @@ class TeacherOutput:
     states: list[torch.Tensor] | None  # per-layer outputs, index i = layer i
 
 
+class TeacherTrunk(nn.Module):
+    """The frozen teacher as the loop sees it: hidden states and the head weight, never logits.
+
+    A replicated teacher is called through a trunk made on the fly. A partitioned one
+    (`teacher.placement: zero3`) is a trunk wrapped by an inference-only ZeRO-3 engine: calling it
+    gathers the weights layer by layer, and the head weight (registered with DeepSpeed) only for
+    this forward, so a copy of it is handed to the loss.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, want_states: bool):
+        """(final hidden states, head weight, per-layer outputs or None): plain tensors and
+        tuples, which DeepSpeed's hooks understand."""
+        out = backbone_of(self.lm)(input_ids=input_ids, output_hidden_states=want_states)
+        head = causal_lm_of(self.lm).get_output_embeddings().weight
+        if hasattr(head, "ds_id"):  # ZeRO-3: released (re-partitioned) when this forward ends
+            head = head.detach().clone()
+        states = tuple(out.hidden_states[1:]) if want_states else None
+        return out.last_hidden_state, head, states
+
+
 @torch.no_grad()
 def teacher_forward(teacher: nn.Module, input_ids: torch.Tensor, want_states: bool, autocast):
     """The frozen teacher's hidden states; no autograd graph is ever built."""
+    trunk = teacher if isinstance(teacher, TeacherTrunk) else TeacherTrunk(teacher)
     with autocast:
-        out = backbone_of(teacher)(input_ids=input_ids, output_hidden_states=want_states)
-    states = list(out.hidden_states[1:]) if want_states else None
-    head = causal_lm_of(teacher).get_output_embeddings().weight
-    return TeacherOutput(hidden=out.last_hidden_state, head_weight=head, states=states)
+        hidden, head, states = trunk(input_ids, want_states)
+    return TeacherOutput(hidden=hidden, head_weight=head, states=list(states) if states else None)
 
 
 class DistillModule(nn.Module):
@@ -133,41 +157,14 @@ class DistillModule(nn.Module):
         # position t predicts token t+1
         shifted = labels[:, 1:].reshape(-1)
         hidden = out.last_hidden_state[:, :-1].reshape(-1, out.last_hidden_state.shape[-1])
-        head = causal_lm_of(self.student).get_output_embeddings().weight
-        terms, ce_weight = [], 1.0
-        if objective is not None and teacher is not None:
-            terms = [
-                losses.LogitTerm(t.kind, t.weight, t.temperature, t.beta, t.alpha)
-                for t in objective.terms
-            ]
-            ce_weight = objective.ce_weight
+        # under ZeRO-3 the engine gathers it (distributed.register_head); an evaluation outside
+        # the engine reads a gathered copy
+        head = full_weight(causal_lm_of(self.student).get_output_embeddings().weight)
         t_hidden = t_head = None
-        if teacher is not None and terms:
+        if teacher is not None and objective is not None and objective.terms:
             t_hidden = teacher.hidden[:, :-1].reshape(-1, teacher.hidden.shape[-1])
             t_head = teacher.head_weight
-        if objective is not None and objective.path == "naive":
-            student_logits = hidden @ head.t()
-            teacher_logits = t_hidden @ t_head.t() if t_hidden is not None else None
-            result = losses.naive_logit_objective(
-                student_logits,
-                shifted,
-                terms,
-                ce_weight,
-                teacher_logits=teacher_logits,
-                vocab_size=self.vocab_size,
-            )
-        else:
-            result = losses.chunked_logit_objective(
-                hidden,
-                head,
-                shifted,
-                terms,
-                ce_weight,
-                teacher_hidden=t_hidden,
-                teacher_head_weight=t_head,
-                vocab_size=self.vocab_size,
-                chunk_size=self.chunk_size,
-            )
+        result = self.logit_objective(hidden, head, shifted, t_hidden, t_head)
         total, parts = result.total, dict(result.terms)
         if want_states:
             mask = torch.zeros_like(labels, dtype=torch.bool)
@@ -185,6 +182,53 @@ class DistillModule(nn.Module):
             parts["hidden"] = hidden_sum.detach()
         return total, parts, result.num_tokens
 
+    def logit_objective(
+        self,
+        hidden: torch.Tensor,
+        head: torch.Tensor,
+        labels: torch.Tensor,
+        teacher_hidden: torch.Tensor | None = None,
+        teacher_head: torch.Tensor | None = None,
+    ):
+        """CE + logit terms (sums, a `losses.ObjectiveOutput`) from final hidden states [N, H] and
+        aligned labels [N], by the objective's path; `distill bench` also measures it alone."""
+        from distill import losses
+
+        objective = self.objective
+        terms, ce_weight = [], 1.0
+        if objective is not None and teacher_hidden is not None:
+            terms = [
+                losses.LogitTerm(t.kind, t.weight, t.temperature, t.beta, t.alpha)
+                for t in objective.terms
+            ]
+            ce_weight = objective.ce_weight
+        if not terms:
+            teacher_hidden = teacher_head = None
+        if objective is not None and objective.path == "naive":
+            student_logits = hidden @ head.t()
+            teacher_logits = (
+                teacher_hidden @ teacher_head.t() if teacher_hidden is not None else None
+            )
+            return losses.naive_logit_objective(
+                student_logits,
+                labels,
+                terms,
+                ce_weight,
+                teacher_logits=teacher_logits,
+                vocab_size=self.vocab_size,
+            )
+        return losses.chunked_logit_objective(
+            hidden,
+            head,
+            labels,
+            terms,
+            ce_weight,
+            teacher_hidden=teacher_hidden,
+            teacher_head_weight=teacher_head,
+            vocab_size=self.vocab_size,
+            chunk_size=self.chunk_size,
+        )
+
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only; norms and biases are left alone."""
@@ -193,7 +237,8 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        shape = getattr(p, "ds_shape", p.shape)  # a ZeRO-3 partition is flat; its shape is here
+        (decay if len(shape) >= 2 else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -288,11 +333,12 @@ def train(job: TrainJob) -> TrainResult:
     acc, spec = job.accelerator, job.spec
     world, rank = acc.num_processes, acc.process_index
     device = acc.device
-    if job.teacher is not None:
+    if job.teacher is not None and not is_partitioned(job.teacher):  # ZeRO-3: placed by DS
         job.teacher.to(device)
     optimizer = torch.optim.AdamW(
         param_groups(job.module, spec.weight_decay), lr=spec.lr, betas=tuple(spec.betas)
     )
+    register_head(acc, job.module, causal_lm_of(job.module.student).get_output_embeddings().weight)
     module, optimizer = acc.prepare(job.module, optimizer)
     order = BatchOrder(len(job.train_blocks), spec.batch_size, spec.grad_accum, world, job.seed)
     ckpt_root = job.stage_dir / "checkpoints"

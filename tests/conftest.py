@@ -12,6 +12,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
+# One intra-op thread per process: the tests start many small processes on 2 cores, where
+# oversubscribed thread pools cost more than they give (about 3x on the multi-process tests).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # A scaled-down quickstart: same stages and models shape, a fraction of the data and steps.
 TINY = [

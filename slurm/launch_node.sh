@@ -1,0 +1,53 @@
+#!/bin/bash
+# One node's share of a distill job: an `accelerate launch` that starts this node's processes.
+# slurm/single_node.sbatch runs it directly; slurm/multi_node.sbatch runs one per node with srun.
+#
+# Reads RECIPE, ACCELERATE_CONFIG, GPUS_PER_NODE, NNODES, MASTER_ADDR, MASTER_PORT and EXTRA_ARGS
+# from the batch script, and the node's rank from this node's own SLURM_NODEID.
+#
+# A USR1 sent to this script is passed on to the training processes (the launcher's children):
+# they finish the current step, save a checkpoint and exit with 75. The launcher (torchrun's agent)
+# does not forward USR1 and reports any non-zero worker exit as its own failure, so this script
+# exits with 75 itself when it passed a stop signal on and the launcher then failed.
+set -uo pipefail
+
+NODE_RANK=${SLURM_NODEID:-0}
+read -r -a extra_args <<<"${EXTRA_ARGS:-}"
+
+launch=(
+    accelerate launch
+    --config_file "$ACCELERATE_CONFIG"
+    --num_machines "$NNODES"
+    --machine_rank "$NODE_RANK"
+    --num_processes "$((NNODES * GPUS_PER_NODE))"
+    --main_process_ip "$MASTER_ADDR"
+    --main_process_port "$MASTER_PORT"
+)
+if [ "$NNODES" -gt 1 ]; then
+    # c10d rendezvous at MASTER_ADDR:MASTER_PORT; DeepSpeed configs start workers the same way
+    launch+=(--rdzv_backend c10d --deepspeed_multinode_launcher standard)
+fi
+launch+=(-m distill run "$RECIPE" "${extra_args[@]}")
+
+stopping=0
+# shellcheck disable=SC2317  # called by the trap below
+forward_stop() {
+    stopping=1
+    echo "[distill-slurm] node $NODE_RANK: USR1, asking the training processes to checkpoint" >&2
+    pkill -USR1 -P "$launcher" 2>/dev/null || true
+}
+trap forward_stop USR1
+
+echo "[distill-slurm] node $NODE_RANK ($(hostname)): ${launch[*]}" >&2
+"${launch[@]}" &
+launcher=$!
+wait "$launcher"
+rc=$?
+while [ "$rc" -gt 128 ] && kill -0 "$launcher" 2>/dev/null; do
+    wait "$launcher"  # `wait` returns early when a trapped signal arrives
+    rc=$?
+done
+if [ "$stopping" = 1 ] && [ "$rc" -ne 0 ]; then
+    exit 75  # EXIT_PREEMPTED: a checkpoint was saved; the same command resumes from it
+fi
+exit "$rc"
