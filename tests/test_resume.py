@@ -201,3 +201,29 @@ def test_sigterm_saves_and_exits_75_then_resumes(reference, tmp_path):
     assert losses_by_step(metrics) == losses_by_step(
         reference / "run" / "distilled" / "metrics.jsonl"
     )
+
+
+def _launch_ddp(recipe, env=None, check=True):
+    from test_distributed import launch
+
+    return launch("launch/cpu_ddp.yaml", recipe, env=env, check=check)
+
+
+def test_two_processes_sigkill_mid_accumulation_resumes_bitwise(tmp_path):
+    """Two DDP processes (gloo), killed with SIGKILL after micro-batch 0 of step 5 on every rank,
+    resumed in fresh processes: losses and final weights equal the uninterrupted 2-process run."""
+    stages = [{**DISTILL[0]}, {**DISTILL[1], "train": {**DISTILL[1]["train"], "max_steps": 8}}]
+    (tmp_path / "a").mkdir()
+    whole = tiny_recipe(tmp_path / "a" / "recipe.yaml", stages)
+    _launch_ddp(whole)
+    cut = tmp_path / "b"
+    cut.mkdir()
+    recipe = tiny_recipe(cut / "recipe.yaml", stages)
+    killed = _launch_ddp(recipe, env={"DISTILL_FAULT": "kill_at_micro=5.1"}, check=False)
+    assert killed.returncode != 0
+    assert not (cut / "run" / "distilled" / "stage.json").exists()
+    resumed = _launch_ddp(recipe)
+    assert "resumed from" in resumed.stderr and "step_00000004" in resumed.stderr
+    a, b = tmp_path / "a" / "run" / "distilled", cut / "run" / "distilled"
+    assert losses_by_step(b / "metrics.jsonl") == losses_by_step(a / "metrics.jsonl")
+    assert same_weights(a / "model", b / "model")
