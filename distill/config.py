@@ -270,7 +270,10 @@ class PruneSpec(Section):
     scoring: Literal["magnitude", "wanda"] = "wanda"
     """Score used by N:M pruning."""
     heads_fraction: float = Field(0.25, ge=0, lt=1)
-    """Width: fraction of attention heads (whole KV groups) removed."""
+    """Width: fraction of attention heads removed (of the KV groups, or of each group's queries)."""
+    head_unit: Literal["kv_group", "query_head"] = "kv_group"
+    """Width: remove whole KV groups (a KV head with its query heads), or query heads within every
+    group (grouped-query attention only)."""
     mlp_fraction: float = Field(0.25, ge=0, lt=1)
     """Width: fraction of MLP channels removed."""
     layers: int | list[int] | None = None

@@ -129,7 +129,8 @@ def write_report(out_dir: Path, recipe_name: str, entries: list[dict]) -> Path:
     for e in entries:
         ev = e.get("eval") or {}
         notes = []
-        for key in ("method", "sparsity", "scheme", "teacher", "teacher_agreement", "latency_s"):
+        keys = ("method", "sparsity", "perplexity_before", "params_before", "scheme", "teacher")
+        for key in (*keys, "teacher_agreement", "latency_s"):
             if e.get(key) is not None:
                 v = e[key]
                 notes.append(f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}")
@@ -165,7 +166,48 @@ def _comparisons(entries: list[dict]) -> list[str]:
                     f"{e['name']} vs {ref}: perplexity {b:.2f} vs {a:.2f} "
                     f"({(a - b) / a * 100:+.1f} % better)"
                 )
+        if e.get("recovered_fraction") is not None and ref in by_name:
+            if by_name[ref]["kind"] == "prune":
+                out.append(_pruning_recovery(e, by_name[ref]))
+                continue
+            ptq = by_name[ref]
+            out.append(
+                f"{e['name']} recovered {e['recovered_fraction'] * 100:.0f} % of the perplexity "
+                f"{ref} lost ({ptq['scheme']}: full precision {ptq['perplexity_before']:.2f}, "
+                f"ptq {ptq['eval']['perplexity']:.2f}, qat {e['eval']['perplexity']:.2f})"
+            )
+        if e.get("kind") == "convert" and ref in by_name and by_name[ref].get("size_bytes"):
+            latency = (
+                f"; generation {e['latency_s']:.2f} s vs {e['float_latency_s']:.2f} s in float"
+                if e.get("latency_s") and e.get("float_latency_s")
+                else ""
+            )
+            out.append(
+                f"{e['name']}: {e['size_bytes'] / by_name[ref]['size_bytes']:.2f}x the bytes of "
+                f"{ref} ({_fmt_bytes(e['size_bytes'])} vs {_fmt_bytes(by_name[ref]['size_bytes'])})"
+                f"{latency}"
+            )
     return out
+
+
+def _pruning_recovery(recovery: dict, pruned: dict) -> str:
+    before, after = pruned["perplexity_before"], pruned["eval"]["perplexity"]
+    return (
+        f"{recovery['name']} recovered {recovery['recovered_fraction'] * 100:.0f} % of the "
+        f"perplexity {pruned['name']} lost ({pruned['method']}: before pruning {before:.2f}, "
+        f"pruned {after:.2f}, recovered {recovery['eval']['perplexity']:.2f})"
+    )
+
+
+def recovered_fraction(
+    perplexity_full: float, perplexity_ptq: float, perplexity_qat: float
+) -> float | None:
+    """Share of the post-training perplexity increase that QAT won back (1 = all of it, < 0 =
+    worse than PTQ); None when PTQ lost nothing to win back."""
+    lost = perplexity_ptq - perplexity_full
+    if lost <= 0:
+        return None
+    return (perplexity_ptq - perplexity_qat) / lost
 
 
 def _plot(out_dir: Path, entries: list[dict]) -> Path | None:

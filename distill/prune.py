@@ -7,8 +7,9 @@ Five methods, all on the Llama layout (`model.model.layers[i].self_attn.{q,k,v,o
 - `wanda`: zero the lowest |W_ij| * ||X_j||_2 within each output row (Sun et al. 2023), with X the
   linear's input collected over calibration batches;
 - `nm`: N:M semi-structured sparsity (2:4 by default), scored by magnitude or Wanda;
-- `width`: remove whole key-value groups (a KV head with all its query heads) and MLP channels,
-  ranked by the activation norm of their outputs (Minitron), the same count in every layer;
+- `width`: remove attention heads, as whole key-value groups (a KV head with all its query heads)
+  or as query heads within every group (grouped-query attention), and MLP channels, ranked by the
+  activation norm of their outputs (Minitron), the same count in every layer;
 - `depth`: remove whole decoder layers, ranked by how little they change the hidden states, or
   given explicitly.
 
@@ -23,6 +24,7 @@ come from one pass of the dense model (not layer by layer on the partly pruned m
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -31,8 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 
 PRUNE_METHODS = ("magnitude", "wanda", "nm", "width", "depth")
+RECORD_FILE = "distill_prune.json"
+"""Written next to a pruned model's weights: `PruneResult.record()` (what was removed, from what)."""
+CALIBRATION_BATCH_SIZE = 8
+"""Sequences per calibration batch, in recipes and in `distill prune`."""
 _SCORINGS = ("wanda", "magnitude")
 _SCOPES = ("layer", "global")
+_HEAD_UNITS = ("kv_group", "query_head")
 _ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
 # Config fields holding one entry per decoder layer; depth pruning keeps the entries of kept layers.
@@ -56,6 +63,22 @@ class PruneResult:
     details: dict
     """Method specifics: per-layer sparsity, kept heads/channels per layer, removed layers, scores."""
 
+    def record(self, source: str) -> dict:
+        """JSON-ready summary (masks left out), as saved in RECORD_FILE; `source` names the input."""
+        details = json.loads(
+            json.dumps(
+                self.details, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)
+            )
+        )
+        return {
+            "source": source,
+            "method": self.method,
+            "sparsity": self.sparsity,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "details": details,
+        }
+
 
 def prune_model(
     model: nn.Module,
@@ -69,13 +92,15 @@ def prune_model(
     calibration: list[torch.Tensor] | None = None,
     width_heads_fraction: float = 0.25,
     width_mlp_fraction: float = 0.25,
+    width_head_unit: str = "kv_group",
     depth_layers: int | list[int] | None = None,
     exclude: Sequence[str] = ("lm_head",),
 ) -> PruneResult:
     """Prune `model` in place with `method` (one of PRUNE_METHODS) and say what was done.
 
     `sparsity` and `scope` apply to magnitude/wanda (scope "global" to magnitude only); `n`, `m`,
-    `scoring` to nm; `width_*_fraction` (share of KV groups / MLP channels removed) to width;
+    `scoring` to nm; `width_*_fraction` (share of heads / MLP channels removed) and
+    `width_head_unit` (remove whole "kv_group"s, or "query_head"s within every group) to width;
     `depth_layers` (a count to remove by rank, or explicit indices) to depth. `exclude` skips
     linears whose name contains any of its strings (unstructured and N:M only). Wanda scoring,
     width and ranked depth need `calibration`.
@@ -96,7 +121,9 @@ def prune_model(
             method, zeros / total, params_before, params_before - removed, masks, details
         )
     if method == "width":
-        details = _prune_width(model, layers, width_heads_fraction, width_mlp_fraction, calibration)
+        details = _prune_width(
+            model, layers, width_heads_fraction, width_mlp_fraction, width_head_unit, calibration
+        )
     else:
         details = _prune_depth(model, layers, depth_layers, calibration)
     params_after = count_parameters(model)
@@ -422,6 +449,7 @@ def _prune_width(
     layers: nn.ModuleList,
     heads_fraction: float,
     mlp_fraction: float,
+    head_unit: str,
     calibration: list[torch.Tensor] | None,
 ) -> dict:
     config = model.config
@@ -429,24 +457,42 @@ def _prune_width(
     group = num_heads // num_kv
     head_dim = layers[0].self_attn.head_dim
     intermediate = layers[0].mlp.down_proj.in_features
-    kv_removed = _count_removed(
-        heads_fraction, num_kv, "width_heads_fraction", "key-value head groups"
+    if head_unit not in _HEAD_UNITS:
+        raise ValueError(
+            f"unknown width_head_unit {head_unit!r}; allowed: {', '.join(_HEAD_UNITS)}"
+        )
+    if head_unit == "query_head" and group == 1 and heads_fraction > 0:
+        raise ValueError(
+            "width_head_unit='query_head' removes query heads within key-value groups, but this "
+            f"model has one query head per key-value head ({num_heads} of each); use 'kv_group'"
+        )
+
+    def head_counts(removed: int) -> dict:  # config sizes after removing `removed` units
+        kv, per_group = (
+            (num_kv - removed, group) if head_unit == "kv_group" else (num_kv, group - removed)
+        )
+        return {"num_attention_heads": kv * per_group, "num_key_value_heads": kv}
+
+    available = num_kv if head_unit == "kv_group" else group
+    heads_removed = _count_removed(
+        heads_fraction,
+        available,
+        "width_heads_fraction",
+        "key-value head groups" if head_unit == "kv_group" else "query heads of each group",
     )
     channels_removed = _count_removed(
         mlp_fraction, intermediate, "width_mlp_fraction", "MLP channels"
     )
-    if kv_removed == 0 and channels_removed == 0:
+    if heads_removed == 0 and channels_removed == 0:
         raise ValueError("width pruning with both fractions 0 removes nothing")
-    new_kv = num_kv - kv_removed
     new_intermediate = intermediate - channels_removed
     # head_dim is written explicitly: configs without it derive hidden_size // num_attention_heads.
     updates = {
-        "num_attention_heads": new_kv * group,
-        "num_key_value_heads": new_kv,
+        **head_counts(heads_removed),
         "head_dim": head_dim,
         "intermediate_size": new_intermediate,
     }
-    _check_config_accepts(config, updates, num_kv, group)
+    _check_config_accepts(config, updates, head_counts, available, head_unit)
     _check_calibration(calibration, "width pruning")
 
     stats = {}
@@ -455,14 +501,24 @@ def _prune_width(
         stats[f"{i}.down_proj"] = layer.mlp.down_proj
     sq_sums = _input_sq_sums(model, stats, calibration)
 
-    kept_kv_heads, kept_channels = [], []
+    kept_kv_heads, kept_query_heads, kept_channels = [], [], []
+    new_kv = updates["num_key_value_heads"]
+    new_group = updates["num_attention_heads"] // new_kv
     for i, layer in enumerate(layers):
-        if kv_removed:
-            # A group's importance: squared L2 norm of its query heads' outputs over all tokens.
-            group_scores = sq_sums[f"{i}.o_proj"].view(num_kv, group * head_dim).sum(1)
-            kept = group_scores.topk(new_kv).indices.sort().values
-            _slice_attention(layer.self_attn, kept, group, head_dim)
-            kept_kv_heads.append(kept.tolist())
+        if heads_removed:
+            # A query head's importance: squared L2 norm of its output over all calibration tokens;
+            # query head h reads key-value head h // group.
+            scores = sq_sums[f"{i}.o_proj"].view(num_kv, group, head_dim).sum(-1)
+            if head_unit == "kv_group":
+                kept_kv = scores.sum(1).topk(new_kv).indices.sort().values
+                within = torch.arange(group).expand(new_kv, group)
+            else:
+                kept_kv = torch.arange(num_kv)
+                within = scores.topk(new_group, dim=1).indices.sort(dim=1).values
+            kept_heads = (kept_kv[:, None] * group + within.to(kept_kv.device)).flatten()
+            _slice_attention(layer.self_attn, kept_kv, kept_heads, head_dim)
+            kept_kv_heads.append(kept_kv.tolist())
+            kept_query_heads.append(kept_heads.tolist())
         if channels_removed:
             kept = sq_sums[f"{i}.down_proj"].topk(new_intermediate).indices.sort().values
             _slice_mlp(layer.mlp, kept)
@@ -472,14 +528,19 @@ def _prune_width(
         setattr(config, key, value)
     return {
         **updates,
-        "kv_groups_removed_per_layer": kv_removed,
+        "head_unit": head_unit,
+        "kv_groups_removed_per_layer": heads_removed if head_unit == "kv_group" else 0,
+        "query_heads_removed_per_group": heads_removed if head_unit == "query_head" else 0,
         "mlp_channels_removed_per_layer": channels_removed,
         "kept_kv_heads": kept_kv_heads or None,
+        "kept_query_heads": kept_query_heads or None,
         "kept_mlp_channels": kept_channels or None,
     }
 
 
-def _check_config_accepts(config, updates: dict, num_kv: int, group: int) -> None:
+def _check_config_accepts(
+    config, updates: dict, head_counts: Callable[[int], dict], available: int, head_unit: str
+) -> None:
     """Fail before any work when the config class rejects the pruned sizes (its own validation)."""
 
     def error(changes: dict) -> Exception | None:
@@ -492,17 +553,11 @@ def _check_config_accepts(config, updates: dict, num_kv: int, group: int) -> Non
     err = error(updates)
     if err is None:
         return
+    unit = "groups" if head_unit == "kv_group" else "heads per group"
     allowed = [
-        f"{r / num_kv:g} ({r} groups)"
-        for r in range(1, num_kv)
-        if error(
-            {
-                **updates,
-                "num_attention_heads": (num_kv - r) * group,
-                "num_key_value_heads": num_kv - r,
-            }
-        )
-        is None
+        f"{r / available:g} ({r} {unit})"
+        for r in range(1, available)
+        if error({**updates, **head_counts(r)}) is None
     ]
     raise ValueError(
         f"{type(config).__name__} rejects the pruned sizes {updates}: {err}. "
@@ -514,9 +569,11 @@ def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
 
 
-def _slice_attention(attn: nn.Module, kept_kv: torch.Tensor, group: int, head_dim: int) -> None:
-    """Keep the given KV heads and their query heads (query head h reads KV head h // group)."""
-    kept_heads = (kept_kv[:, None] * group + torch.arange(group, device=kept_kv.device)).flatten()
+def _slice_attention(
+    attn: nn.Module, kept_kv: torch.Tensor, kept_heads: torch.Tensor, head_dim: int
+) -> None:
+    """Keep the given KV heads and query heads; every kept KV head keeps the same number of query
+    heads, in order, so query head h of the result still reads KV head h // new group size."""
     q_rows, kv_rows = _head_rows(kept_heads, head_dim), _head_rows(kept_kv, head_dim)
     _keep_outputs(attn.q_proj, q_rows)
     _keep_outputs(attn.k_proj, kv_rows)
@@ -528,7 +585,7 @@ def _slice_attention(attn: nn.Module, kept_kv: torch.Tensor, group: int, head_di
         "num_attention_heads": len(kept_heads),
         "num_key_value_heads": len(kept_kv),
         "num_kv_heads": len(kept_kv),
-        "num_key_value_groups": group,
+        "num_key_value_groups": len(kept_heads) // len(kept_kv),
     }
     for attr, value in counts.items():
         if hasattr(attn, attr):

@@ -5,17 +5,20 @@ one loop in trainer.py."""
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from distill.config import QuantSpec, RecipeError
-from distill.models import count_params, dir_size_bytes, freeze
+from distill import distributed
+from distill.config import QuantSpec, RecipeError, TeacherRef
+from distill.models import count_params, dir_size_bytes, freeze, load_pretrained
 from distill.pipeline import (
     RunContext,
     check_model_against_tokenizer,
     load_ref,
     model_dir,
+    ref_config,
     ref_spec,
     stage_dir,
 )
@@ -101,22 +104,38 @@ def run_training_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
     spec = _capped(ctx, stage.train)
     acc = make_accelerator(spec.grad_accum)
     ctx.accelerator = acc
+    # Under DeepSpeed: batch sizes, accumulation, clipping and precision come from the recipe
+    # (the launch was checked against every stage up front), see distributed.py.
+    zero3 = distributed.is_zero3(acc)
+    if distributed.deepspeed_plugin(acc) is not None:
+        distributed.configure_deepspeed(acc, spec, ref_config(ctx, stage.model).hidden_size)
     seed = spec.seed if spec.seed is not None else ctx.recipe.seed
-    student = load_ref(ctx, stage.model, "student")
+    with _whole_if_fresh(ctx, stage.model):
+        student = load_ref(ctx, stage.model, "student")
     check_model_against_tokenizer(ctx, stage.model, student, f"model {stage.model!r}")
     model_spec = ref_spec(ctx, stage.model)
-    teacher = None
+    teacher = teacher_in_loop = None
     teacher_ref = getattr(stage, "teacher", None)
     if stage.kind == "qat" and teacher_ref is None:
         teacher_ref_name = stage.model
     else:
         teacher_ref_name = teacher_ref.model if teacher_ref is not None else None
     if teacher_ref_name is not None:
-        teacher = load_ref(ctx, teacher_ref_name, "teacher", dtype=_teacher_dtype(spec))
+        placement, teacher_ds = _teacher_placement(ctx, acc, spec, teacher_ref, teacher_ref_name)
+        with (
+            distributed.building_teacher(placement, teacher_ds),
+            _whole_if_fresh(ctx, teacher_ref_name),
+        ):
+            teacher = load_ref(ctx, teacher_ref_name, "teacher", dtype=_teacher_dtype(spec))
         check_model_against_tokenizer(
             ctx, teacher_ref_name, teacher, f"teacher {teacher_ref_name!r}"
         )
         freeze(teacher)
+        teacher_in_loop = teacher
+        if placement == "zero3":
+            teacher_in_loop = distributed.partition_teacher(teacher, teacher_ds)
+        if acc.num_processes > 1 or placement == "zero3":
+            ctx.log(f"teacher {teacher_ref_name!r}: placement {placement}")
 
     hooks = TrainHooks()
     extra: dict = {}
@@ -174,7 +193,7 @@ def run_training_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
     job = TrainJob(
         accelerator=acc,
         module=module,
-        teacher=teacher,
+        teacher=teacher_in_loop,
         train_blocks=ctx.data.train,
         eval_blocks=ctx.data.eval,
         spec=spec,
@@ -192,6 +211,10 @@ def run_training_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
     finally:
         tracker.close()
     trained = acc.unwrap_model(module).student
+    if zero3:
+        # the student is partitioned over the ranks: a plain copy on the main process is exported
+        # (None elsewhere), and every rank reloads the export for the measurements below
+        trained = _gathered_student(acc, trained, model_spec)
     out = model_dir(ctx, stage.name)
     if quant is not None:
         from distill import quantize
@@ -212,6 +235,11 @@ def run_training_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
     quant_json = {QUANT_FILE: json.dumps(quant.model_dump(mode="json"))} if quant else None
     _export(ctx, export, out, quant_json)
     acc.wait_for_everyone()
+    if zero3:
+        acc.free_memory()  # the student's engine and optimizer state
+        with distributed.hf_zero3_disabled():
+            export = load_pretrained(str(out), what=f"stage {stage.name!r} export")
+        export.to(acc.device)
     if teacher is not None and stage.kind == "distill":
         from distill.evaluate import teacher_agreement
 
@@ -243,13 +271,59 @@ def _teacher_dtype(spec) -> str:
     return "bfloat16" if spec.precision == "bf16" else "float32"
 
 
+def _teacher_placement(ctx: RunContext, acc, spec, ref: TeacherRef | None, name: str):
+    """`replicate` or `zero3` for this launch, and the teacher's inference ZeRO-3 config."""
+    ref = ref or TeacherRef(model=name)
+    bytes_per_param = 2 if spec.precision == "bf16" else 4
+    placement = distributed.teacher_placement(
+        acc,
+        ref.placement,
+        ref.max_memory_fraction,
+        lambda: distributed.param_count_of_config(ref_config(ctx, name)) * bytes_per_param,
+    )
+    if placement != "zero3":
+        return placement, None
+    hidden = ref_config(ctx, name).hidden_size
+    return placement, distributed.teacher_deepspeed_config(acc, spec, hidden)
+
+
+def _whole_if_fresh(ctx: RunContext, ref: str):
+    """Under ZeRO-3, weights read from a checkpoint go straight into partitions (zero.Init), but a
+    model initialised from a `config` is built whole and partitioned by DeepSpeed afterwards:
+    zero.Init draws the random weights in another order, and every launch must start from the
+    same weights as a single process."""
+    spec = ref_spec(ctx, ref)
+    fresh = spec is not None and spec.config is not None
+    return distributed.hf_zero3_disabled() if fresh else nullcontext()
+
+
+def _gathered_student(acc, trained, model_spec):
+    """A plain copy of a ZeRO-3-partitioned student on the main process (None elsewhere)."""
+    from transformers import AutoModelForCausalLM
+
+    from distill.models import add_lora
+    from distill.trainer import causal_lm_of
+
+    state = distributed.gathered_state_dict(acc, trained)
+    if state is None:
+        return None
+    with distributed.hf_zero3_disabled():
+        plain = AutoModelForCausalLM.from_config(causal_lm_of(trained).config, dtype=torch.float32)
+    if model_spec is not None and model_spec.lora is not None:
+        plain = add_lora(plain, model_spec.lora)
+    plain.load_state_dict(state)
+    return plain
+
+
 def _keeps_sparsity(ctx: RunContext, stage) -> bool:
     if stage.keep_sparsity != "auto":
         return bool(stage.keep_sparsity)
     for entry in ctx.entries:
         if entry["name"] == stage.model:
             return entry["kind"] == "prune" and entry.get("method") in ("magnitude", "wanda", "nm")
-    return False
+    # a model of `models` saved by `distill prune` carries its prune record
+    record = _prune_record(ctx, stage.model)
+    return record is not None and record.get("method") in ("magnitude", "wanda", "nm")
 
 
 def _previous_run_id(sdir: Path) -> str | None:
@@ -274,19 +348,26 @@ def run_prune_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
     model.to(ctx.accelerator.device)
     autocast = _upstream_autocast(ctx, stage.model)
     before = _heldout(ctx, model, stage, autocast)
-    result = prune_model(
-        model,
-        p.method,
-        sparsity=p.sparsity,
-        n=p.n,
-        m=p.m,
-        scoring=p.scoring,
-        scope=p.scope,
-        calibration=_calibration_batches(ctx, p.calibration_batches),
-        width_heads_fraction=p.heads_fraction,
-        width_mlp_fraction=p.mlp_fraction,
-        depth_layers=p.layers,
-    )
+    try:
+        result = prune_model(
+            model,
+            p.method,
+            sparsity=p.sparsity,
+            n=p.n,
+            m=p.m,
+            scoring=p.scoring,
+            scope=p.scope,
+            calibration=_calibration_batches(ctx, p.calibration_batches),
+            width_heads_fraction=p.heads_fraction,
+            width_mlp_fraction=p.mlp_fraction,
+            width_head_unit=p.head_unit,
+            depth_layers=p.layers,
+        )
+    except ValueError as err:  # sizes only known once the model is loaded (heads, layers, m)
+        message = str(err)
+        for argument, key in _PRUNE_KEYS.items():
+            message = message.replace(argument, f"prune.{key}")
+        raise RecipeError(f"stage {stage.name!r}: {message}") from None
     metrics = _heldout(ctx, model, stage, autocast)
     out = model_dir(ctx, stage.name)
     record = result.record(source=stage.model)
@@ -313,6 +394,15 @@ def run_prune_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
     )
 
 
+# prune_model's argument names -> the keys of a prune stage's `prune` section
+_PRUNE_KEYS = {
+    "width_heads_fraction": "heads_fraction",
+    "width_mlp_fraction": "mlp_fraction",
+    "width_head_unit": "head_unit",
+    "depth_layers": "layers",
+}
+
+
 def _calibration_batches(ctx: RunContext, num_batches: int) -> list[torch.Tensor]:
     """`num_batches` batches of training blocks, drawn with the recipe's seed (same every run)."""
     from distill.prune import CALIBRATION_BATCH_SIZE
@@ -324,12 +414,14 @@ def _calibration_batches(ctx: RunContext, num_batches: int) -> list[torch.Tensor
 
 
 def _upstream_autocast(ctx: RunContext, ref: str):
-    """The autocast of the nearest training stage upstream of `ref` (None: fp32).
+    """The autocast of the nearest training stage upstream of `ref`; for a model of `models`, that
+    of the recipe's training defaults (what a recovery stage will use).
 
     A prune stage measures perplexity before and after pruning the way the stages around it do,
     so its "before" equals the source stage's own number and the loss recovery later wins back is
     not mixed with the bf16-vs-fp32 difference.
     """
+    from distill.config import TrainSpec
     from distill.trainer import autocast_for
 
     earlier = {entry["name"] for entry in ctx.entries}
@@ -338,7 +430,7 @@ def _upstream_autocast(ctx: RunContext, ref: str):
         if hasattr(source, "train"):
             return autocast_for(source.train, ctx.accelerator.device)
         ref = source.model
-    return None
+    return autocast_for(TrainSpec(**ctx.recipe.train), ctx.accelerator.device)
 
 
 def _recovery_extra(ctx: RunContext, stage, perplexity: float) -> dict:
@@ -381,6 +473,19 @@ def hidden_layer_map(ctx: RunContext, stage, student, teacher) -> list[tuple[int
 def _layers_kept_by_depth_prune(ctx: RunContext, ref: str, teacher_layers: int) -> list | None:
     """Original indices of the layers a depth prune of a `teacher_layers`-layer model kept, when
     the model `ref` names was made that way (its dir holds a depth prune record); else None."""
+    record = _prune_record(ctx, ref)
+    if record is None or record.get("method") != "depth":
+        return None
+    removed = record["details"]["removed_layers"]
+    original = record["details"]["num_hidden_layers"] + len(removed)
+    if original != teacher_layers:
+        return None
+    return [i for i in range(original) if i not in removed]
+
+
+def _prune_record(ctx: RunContext, ref: str) -> dict | None:
+    """The prune record saved in the model dir of `ref` (an earlier stage, or a local path of
+    `models`), or None when that model was not made by pruning."""
     from distill.config import looks_local
     from distill.prune import RECORD_FILE
 
@@ -394,14 +499,7 @@ def _layers_kept_by_depth_prune(ctx: RunContext, ref: str, teacher_layers: int) 
         return None
     if not (path / RECORD_FILE).is_file():
         return None
-    record = json.loads((path / RECORD_FILE).read_text())
-    removed = record.get("details", {}).get("removed_layers")
-    if record.get("method") != "depth" or removed is None:
-        return None
-    original = record["details"]["num_hidden_layers"] + len(removed)
-    if original != teacher_layers:
-        return None
-    return [i for i in range(original) if i not in removed]
+    return json.loads((path / RECORD_FILE).read_text())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,6 +602,8 @@ def run_convert_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
         )
     scheme = _scheme(quant)
     model = load_ref(ctx, stage.model, "model to convert")
+    params = count_params(model)  # weights, whatever their bits (the packed codes are buffers)
+    float_latency_s = _latency(ctx, model, stage)  # the same generation, before conversion
     try:
         quantize.convert_model(model, scheme)
     except ValueError as err:
@@ -523,16 +623,23 @@ def run_convert_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
     # Measured on the model as a user gets it: reloaded from disk, CPU kernels where they exist.
     loaded = quantize.load_quantized(out)
     metrics = _heldout(ctx, loaded, stage)
+    # CPU latency as deployed: bf16 activations, the int4/int8 kernels' fast path (float32 ones
+    # take a slow generic path), against the float model as it was trained.
+    latency_s = None
+    if float_latency_s is not None:
+        latency_s = _latency(ctx, quantize.load_quantized(out, dtype=torch.bfloat16), stage)
     entry = {
         "model_dir": str(out),
         "from": stage.model,
-        "params": count_params(loaded),
+        "params": params,
         "size_bytes": quantize.quantized_size_bytes(out),
         "eval": {"perplexity": metrics["perplexity"], "loss": metrics["loss"]},
         "scheme": scheme.name(),
         "compare_to": stage.model,
         "steps": 0,
-        "latency_s": _latency(ctx, loaded, stage),
+        "latency_s": latency_s,
+        "latency_dtype": "bfloat16" if latency_s is not None else None,
+        "float_latency_s": float_latency_s,
     }
     return {k: v for k, v in entry.items() if v is not None}
 

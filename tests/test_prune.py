@@ -291,6 +291,40 @@ def test_width_heads_equal_zeroing_those_heads(make, fraction):
     assert model.model.layers[0].self_attn.q_proj.out_features == 2 * 16  # half of 4 heads
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_width_query_heads_within_groups_equal_zeroing_those_heads(name, tmp_path):
+    original = MODELS[name]()  # 4 query heads in 2 key-value groups
+    model = copy.deepcopy(original)
+    result = prune_model(
+        model,
+        "width",
+        width_heads_fraction=0.5,
+        width_mlp_fraction=0,
+        width_head_unit="query_head",
+        calibration=calibration(),
+    )
+
+    kept = result.details["kept_query_heads"]
+    assert result.details["kept_kv_heads"] == [[0, 1]] * 4  # every KV head stays
+    assert all(len(k) == 2 and k[0] // 2 == 0 and k[1] // 2 == 1 for k in kept)  # 1 per group
+    reference = copy.deepcopy(original)
+    with torch.no_grad():
+        for layer, kept_heads in zip(reference.model.layers, kept):
+            attn = layer.self_attn
+            for head in set(range(4)) - set(kept_heads):
+                rows = slice(head * 16, (head + 1) * 16)
+                attn.q_proj.weight[rows] = 0
+                if attn.q_proj.bias is not None:
+                    attn.q_proj.bias[rows] = 0
+                attn.o_proj.weight[:, rows] = 0
+    torch.testing.assert_close(logits(model), logits(reference), atol=1e-5, rtol=0)
+    assert (logits(model) - logits(original)).abs().max() > 1e-3
+    loaded = reload(model, tmp_path)
+    assert (loaded.config.num_attention_heads, loaded.config.num_key_value_heads) == (2, 2)
+    torch.testing.assert_close(logits(loaded), logits(model))
+    assert torch.equal(greedy(loaded), greedy(loaded, use_cache=False))
+
+
 def test_width_mlp_channels_equal_zeroing_down_proj_columns():
     original = tiny_llama()
     model = copy.deepcopy(original)
@@ -408,6 +442,12 @@ BAD_ARGUMENTS = [
     ("width", dict(width_heads_fraction=0.8), "removes 2 of 2 key-value head groups, leaving none"),
     ("width", dict(width_mlp_fraction=0.999), "removes 128 of 128 MLP channels, leaving none"),
     ("width", dict(width_heads_fraction=0, width_mlp_fraction=0), "removes nothing"),
+    ("width", dict(width_head_unit="head"), "unknown width_head_unit 'head'; allowed: kv_group"),
+    (
+        "width",
+        dict(width_head_unit="query_head", width_heads_fraction=0.9),
+        "removes 2 of 2 query heads of each group, leaving none",
+    ),
     ("depth", dict(depth_layers=4), "depth_layers=4 must remove at least 1 and fewer than all 4"),
     ("depth", dict(depth_layers=0), "depth_layers=0 must remove at least 1"),
     (
@@ -436,6 +476,12 @@ def test_width_rejects_head_counts_the_config_class_rejects():
     model = tiny_llama(num_key_value_heads=4)  # removing 1 of 4 heads leaves 3; 64 % 3 != 0
     with pytest.raises(ValueError, match=re.escape("accepts: 0.5 (2 groups), 0.75 (3 groups)")):
         prune_model(model, "width", width_heads_fraction=0.25, calibration=CALIBRATION)
+
+
+def test_width_query_heads_need_grouped_query_attention():
+    model = tiny_llama(num_key_value_heads=4)
+    with pytest.raises(ValueError, match="one query head per key-value head .*use 'kv_group'"):
+        prune_model(model, "width", width_head_unit="query_head", calibration=CALIBRATION)
 
 
 def test_unsupported_architecture_names_its_model_type():
