@@ -318,6 +318,91 @@ def _objective_on_rows(
     return total, torch.stack([ce, *term_sums]).detach().to(dtype)
 
 
+def _has_closed_form_gradient(
+    terms: Sequence[LogitTerm], teacher_topk: tuple[torch.Tensor, torch.Tensor] | None
+) -> bool:
+    """CE plus forward-KL terms on full teacher logits (the default objective): hand-written grad."""
+    return teacher_topk is None and all(term.kind == "forward_kl" for term in terms)
+
+
+def _ce_forward_kl_chunk(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    terms: Sequence[LogitTerm],
+    ce_weight: float,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One chunk of CE + forward-KL terms from hidden states, d(total)/d(logits) in closed form.
+
+    Same values as :func:`_objective_on_rows` on the chunk's logits. d CE / dz = Q - onehot(label)
+    and d (T**2 KL(P_T || Q_T)) / dz = T (Q_T - P_T), so the gradient is
+    ``(ce_weight + sum of T = 1 weights) Q - ce_weight onehot - sum_k w_k T_k P_k
+    + sum over T != 1 terms of w_k T_k Q_k``. No autograd graph; one student log-softmax and one
+    exp serve CE and every T = 1 term (about half the full-vocabulary passes of autograd); the
+    logits are made here so each [C, V] buffer is freed as soon as it is used (three or four
+    alive at most). Returns (total, sums, gradient in the logits' dtype or None).
+    """
+    logits = hidden @ weight.T
+    logits_dtype = logits.dtype
+    dtype = _math_dtype(logits)
+    if terms:
+        dtype = torch.promote_types(dtype, _math_dtype(teacher_hidden, teacher_weight))
+    log_q = F.log_softmax(logits.to(dtype), dim=-1)
+    del logits
+    teacher_logits = teacher_hidden @ teacher_weight.T if terms else None
+    label_index = labels.unsqueeze(1)
+    ce = -log_q.gather(1, label_index).sum()
+    total = ce_weight * ce
+    sums = [ce]
+    grad_from_terms = None  # the terms' gradient but for their T = 1 student part
+    for index, term in enumerate(terms):
+        temperature = term.temperature
+        last_term = index == len(terms) - 1
+        teacher = teacher_logits.to(dtype, copy=not last_term)  # the last term may consume them
+        if last_term:
+            del teacher_logits
+        if temperature != 1.0:
+            teacher.div_(temperature)
+        log_p = F.log_softmax(teacher, dim=-1)
+        del teacher
+        # A -inf teacher logit has p = 0: flooring its log-probability at the dtype's lowest finite
+        # value keeps p * (log p - log q) at 0 (0 log 0 = 0, as _kl) instead of nan.
+        log_p.clamp_min_(torch.finfo(dtype).min)
+        # log_softmax(log_q / T) == log_softmax(z / T): the row shift cancels
+        log_q_t = log_q if temperature == 1.0 else F.log_softmax(log_q / temperature, dim=-1)
+        p = log_p.exp()
+        kl = torch.dot(p.flatten(), log_p.sub_(log_q_t).flatten())
+        del log_p
+        sums.append(kl)
+        total = total + term.weight * temperature**2 * kl
+        if need_grad and term.weight != 0:
+            if temperature != 1.0:
+                p.sub_(log_q_t.exp_())
+            contribution = p.mul_(-term.weight * temperature)
+            if grad_from_terms is None:
+                grad_from_terms = contribution
+            else:
+                grad_from_terms.add_(contribution)
+        del p, log_q_t
+    grad = None
+    if need_grad:
+        weight_on_q = ce_weight + sum(t.weight for t in terms if t.temperature == 1.0)
+        grad = log_q.exp_().mul_(weight_on_q)
+        if grad_from_terms is not None:
+            grad.add_(grad_from_terms)
+        del grad_from_terms
+        grad.scatter_add_(1, label_index, torch.full_like(label_index, -ce_weight, dtype=dtype))
+        grad = grad.to(logits_dtype)
+    return (
+        total,
+        torch.stack(sums).detach().to(torch.promote_types(torch.float32, logits_dtype)),
+        grad,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Argument checks shared by both paths. Errors name the value and the fix.
 # --------------------------------------------------------------------------------------------
@@ -423,6 +508,12 @@ def _valid_rows(labels: torch.Tensor) -> torch.Tensor:
     return (labels != IGNORE_INDEX).nonzero().squeeze(1)
 
 
+def _select_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``tensor.index_select(0, rows)``, or ``tensor`` itself when every row is valid (packed
+    pretraining batches): no copy of the hidden states or logits, and no scatter in backward."""
+    return tensor if rows.numel() == tensor.shape[0] else tensor.index_select(0, rows)
+
+
 def _make_output(
     total: torch.Tensor, sums: torch.Tensor, terms: Sequence[LogitTerm], rows: torch.Tensor
 ) -> ObjectiveOutput:
@@ -473,16 +564,16 @@ def naive_logit_objective(
     vocab = _resolve_vocab(vocab_size, student_logits.shape[1], teacher_rows)
 
     rows = _valid_rows(labels)
-    valid_labels = labels.index_select(0, rows).long()
+    valid_labels = _select_rows(labels, rows).long()
     _check_index_range("labels", valid_labels, vocab, "labels must be token ids or -100")
-    student = student_logits[:, :vocab].index_select(0, rows)
+    student = _select_rows(student_logits[:, :vocab], rows)
     teacher_logits_valid = None
     if teacher_logits is not None:
-        teacher_logits_valid = teacher_logits[:, :vocab].index_select(0, rows).detach()
+        teacher_logits_valid = _select_rows(teacher_logits[:, :vocab], rows).detach()
     topk_valid = None
     if teacher_topk is not None:
         logprobs, indices = _check_topk(teacher_topk, num_rows, vocab)
-        topk_valid = (logprobs.index_select(0, rows).detach(), indices.index_select(0, rows).long())
+        topk_valid = (_select_rows(logprobs, rows).detach(), _select_rows(indices, rows).long())
         _check_index_range(
             "teacher_topk indices",
             topk_valid[1],
@@ -538,24 +629,40 @@ class _ChunkedLogitObjective(torch.autograd.Function):
         )
         need_grad = need_hidden_grad or need_weight_grad
 
+        closed_form = _has_closed_form_gradient(terms, teacher_logprobs)
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
             chunk_hidden = hidden[start:end].to(weight.dtype)
-            teacher_logits = topk = None
+            chunk_teacher_hidden = topk = None
             if teacher_hidden is not None:
-                teacher_logits = (
-                    teacher_hidden[start:end].to(teacher_weight.dtype) @ teacher_weight.T
-                )
+                chunk_teacher_hidden = teacher_hidden[start:end].to(teacher_weight.dtype)
             if teacher_logprobs is not None:
                 topk = (teacher_logprobs[start:end], teacher_indices[start:end])
-            # The logits are a leaf: autograd below stops here and the head matmuls are done by hand.
-            logits = (chunk_hidden @ weight.T).requires_grad_(need_grad)
-            with torch.enable_grad():
-                chunk_total, chunk_sums = _objective_on_rows(
-                    logits, labels[start:end], terms, ce_weight, teacher_logits, topk
+            if closed_form:
+                chunk_total, chunk_sums, grad_logits = _ce_forward_kl_chunk(
+                    chunk_hidden,
+                    weight,
+                    labels[start:end],
+                    terms,
+                    ce_weight,
+                    chunk_teacher_hidden,
+                    teacher_weight,
+                    need_grad,
                 )
+            else:
+                teacher_logits = None
+                if chunk_teacher_hidden is not None:
+                    teacher_logits = chunk_teacher_hidden @ teacher_weight.T
+                # The logits are a leaf: autograd stops here and the head matmuls are done by hand.
+                logits = (chunk_hidden @ weight.T).requires_grad_(need_grad)
+                with torch.enable_grad():
+                    chunk_total, chunk_sums = _objective_on_rows(
+                        logits, labels[start:end], terms, ce_weight, teacher_logits, topk
+                    )
+                if need_grad:
+                    (grad_logits,) = torch.autograd.grad(chunk_total, logits)
+                del logits, teacher_logits
             if need_grad:
-                (grad_logits,) = torch.autograd.grad(chunk_total, logits)
                 if need_hidden_grad:
                     grad_hidden[start:end] = grad_logits @ weight
                 if need_weight_grad:
@@ -565,6 +672,7 @@ class _ChunkedLogitObjective(torch.autograd.Function):
                         grad_weight += (grad_logits.T @ chunk_hidden).to(acc_dtype)
             total += chunk_total.detach()
             sums += chunk_sums
+            grad_logits = None  # free this chunk's [C, V] gradient before the next chunk's logits
 
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -645,19 +753,19 @@ def chunked_logit_objective(
     vocab = _resolve_vocab(vocab_size, student_head_weight.shape[0], teacher_rows)
 
     rows = _valid_rows(labels)
-    valid_labels = labels.index_select(0, rows).long()
+    valid_labels = _select_rows(labels, rows).long()
     _check_index_range("labels", valid_labels, vocab, "labels must be token ids or -100")
     # index_select is differentiable: autograd scatters the valid rows' gradient back, zeros elsewhere.
-    hidden = student_hidden.index_select(0, rows)
+    hidden = _select_rows(student_hidden, rows)
     weight = student_head_weight[:vocab]
     teacher_hidden_valid = teacher_weight = logprobs = indices = None
     if has_teacher_head:
-        teacher_hidden_valid = teacher_hidden.detach().index_select(0, rows)
+        teacher_hidden_valid = _select_rows(teacher_hidden.detach(), rows)
         teacher_weight = teacher_head_weight.detach()[:vocab]
     if teacher_topk is not None:
         logprobs, indices = _check_topk(teacher_topk, num_rows, vocab)
-        logprobs = logprobs.detach().index_select(0, rows)
-        indices = indices.index_select(0, rows).long()
+        logprobs = _select_rows(logprobs.detach(), rows)
+        indices = _select_rows(indices, rows).long()
         _check_index_range(
             "teacher_topk indices", indices, vocab, "was the cache written with the same tokenizer?"
         )
