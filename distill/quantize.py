@@ -33,22 +33,31 @@ On disk (``save_quantized``), a directory with:
   - ``quantization.json``: format, scheme, quantized module names, dtype, tied-weight aliases.
   - ``config.json`` (with a ``quantization_config`` naming this format), tokenizer files.
 
-Load it (``transformers.AutoModelForCausalLM.from_pretrained`` cannot: it would leave the quantized
-linears randomly initialized)::
+Load it with ``load_quantized``, or with ``AutoModelForCausalLM.from_pretrained`` once this module
+is imported (importing it registers the format with transformers' quantizer registry)::
 
     from distill.quantize import load_quantized
     from transformers import AutoTokenizer
     model = load_quantized("runs/<name>/convert/model")          # device="cpu" by default
     tokenizer = AutoTokenizer.from_pretrained("runs/<name>/convert/model")
 
+    import distill.quantize  # noqa: F401  (registers the format)
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained("runs/<name>/convert/model")
+
 Why not torchao's own storage: with torch 2.13 on x86 CPU, ``IntxWeightOnlyConfig`` keeps one int8
 per code (0.55x bf16 for int4, not 0.28x), its packed CPU layouts need KleidiAI (ARM) or torchao's
-C++ kernels (not built), and ``Int4WeightOnlyConfig`` needs mslk (CUDA).
+C++ kernels (not built), and ``Int4WeightOnlyConfig`` needs mslk (CUDA). Why not torchao's QAT
+(``QATConfig`` + ``IntxFakeQuantizeConfig``, torchao 0.18): for symmetric schemes it rounds exactly
+as here (tested), but for asymmetric ones its zero point differs from its own converter's, so a
+model trained with it would not compute what the converted model computes.
 
 ``QuantizedLinear`` keeps the packed codes in memory. On CPU, int4 (groups 32-256) and int8
 per-channel symmetric layers run torch's int4/int8 weight-only kernels; other schemes unpack and
-dequantize on every forward (a storage win, not a speed win). ``activations="int8_dynamic"`` is
-simulated (per-token quantize-dequantize of the input, as torchao's
+dequantize on every forward (a storage win, not a speed win). With float32 activations torch's
+int4 CPU kernel takes a generic path slower than a float32 matmul; with bfloat16 activations it is
+several times faster (``load_quantized(path, dtype=torch.bfloat16)``).
+``activations="int8_dynamic"`` is simulated (per-token quantize-dequantize of the input, as torchao's
 ``Int8DynamicActivationIntxWeightConfig`` does with its unpacked format): the numerics of an int8
 kernel, not its speed.
 """
@@ -682,7 +691,10 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, scheme: Qua
         config.quantization_config = {
             "quant_method": FORMAT_NAME,
             "scheme": scheme.name(),
-            "load_with": "distill.quantize.load_quantized",
+            "scheme_config": scheme.to_dict(),
+            "modules": sorted(modules),
+            "load_with": "import distill.quantize; then AutoModelForCausalLM.from_pretrained "
+            "or distill.quantize.load_quantized",
         }
         try:
             config.save_pretrained(out_dir)
@@ -702,9 +714,15 @@ def is_quantized_dir(path: str | Path) -> bool:
     return (Path(path) / QUANT_CONFIG_FILE).is_file()
 
 
-def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+def load_quantized(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> nn.Module:
     """Rebuild a model saved by ``save_quantized``: the architecture from config.json, quantized
-    linears as QuantizedLinear, every tensor from model.safetensors. Returns it in eval mode."""
+    linears as QuantizedLinear, every tensor from model.safetensors. Returns it in eval mode.
+
+    ``dtype`` (default: the dtype it was saved in) is the dtype of the float parts and of the
+    activations; the codes and scales are loaded unchanged. On CPU, ``torch.bfloat16`` takes the
+    int4 kernel's fast path (several times faster than float32 activations)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -724,7 +742,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> nn.M
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    dtype = getattr(torch, meta["dtype"])
+    dtype = dtype or getattr(torch, meta["dtype"])
     try:  # every tensor is overwritten below: skip the random initialization
         from transformers.initialization import no_init_weights
     except ImportError:  # older transformers
@@ -755,6 +773,75 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> nn.M
         )
         setattr(module, attribute, shared)
     return model.to(device).eval()
+
+
+def register_transformers_quantizer() -> bool:
+    """Teach ``AutoModelForCausalLM.from_pretrained`` to load this format (runs on import of this
+    module; idempotent). False when this transformers version has no quantizer registry."""
+    try:
+        from transformers.quantizers import (
+            HfQuantizer,
+            register_quantization_config,
+            register_quantizer,
+        )
+        from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+        from transformers.utils.quantization_config import QuantizationConfigMixin
+    except ImportError:
+        return False
+    if FORMAT_NAME in AUTO_QUANTIZER_MAPPING:
+        return True
+
+    @register_quantization_config(FORMAT_NAME)
+    class DistillIntxConfig(QuantizationConfigMixin):
+        """config.json's ``quantization_config`` of a directory written by ``save_quantized``."""
+
+        def __init__(self, scheme_config: dict | None = None, modules=(), **kwargs) -> None:
+            if scheme_config is None:
+                raise ValueError(
+                    f"{FORMAT_NAME} quantization_config without scheme_config: written by an "
+                    "older distill; load it with distill.quantize.load_quantized"
+                )
+            self.quant_method = FORMAT_NAME
+            self.scheme_config = scheme_config
+            self.modules = list(modules)
+            for key, value in kwargs.items():
+                setattr(self, key, value)
+
+    @register_quantizer(FORMAT_NAME)
+    class DistillIntxQuantizer(HfQuantizer):
+        """Swaps the listed linears for QuantizedLinear before the packed tensors are loaded."""
+
+        requires_calibration = True  # loads pre-quantized weights only
+
+        def _process_model_before_weight_loading(self, model, **kwargs):
+            scheme = QuantScheme.from_dict(self.quantization_config.scheme_config)
+            for name in self.quantization_config.modules:
+                linear = model.get_submodule(name)
+                module = QuantizedLinear(
+                    linear.in_features,
+                    linear.out_features,
+                    scheme,
+                    bias=linear.bias is not None,
+                    dtype=linear.weight.dtype,
+                    device=linear.weight.device,
+                )
+                _replace(model, name, module)
+            return model
+
+        def is_serializable(self) -> bool:
+            return False  # save with save_quantized
+
+        @property
+        def is_trainable(self) -> bool:
+            return False
+
+    return True
+
+
+try:
+    register_transformers_quantizer()
+except (ImportError, ValueError, TypeError):  # another transformers: load_quantized still works
+    pass
 
 
 def quantized_size_bytes(path: str | Path) -> int:

@@ -127,6 +127,29 @@ def test_rounding_is_torchao_bit_for_bit(scheme_name, dtype):
     assert torch.equal(linear(x), expected_output)
 
 
+@pytest.mark.parametrize("scheme_name", ["int4-g32-sym", "int3-g32-sym", "int8-pc-sym"])
+def test_torchao_qat_fake_quant_agrees_for_symmetric_schemes(scheme_name):
+    pytest.importorskip("torchao")
+    from torchao.quantization import quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    scheme = QuantScheme.parse(scheme_name)
+    config = IntxFakeQuantizeConfig(
+        getattr(torch, f"int{scheme.bits}"),
+        PerGroup(scheme.group_size) if scheme.group_size else PerAxis(0),
+        is_symmetric=True,
+        scale_precision=torch.bfloat16,
+    )
+    model = nn.Sequential(nn.Linear(64, 16))
+    with torch.no_grad():
+        model[0].weight.copy_(random_weight(16, 64))
+    weight = model[0].weight.detach().clone()
+    quantize_(model, QATConfig(weight_config=config, step="prepare"))
+    torchao_fake = model[0].weight_fake_quantizer(model[0].weight)
+    assert torch.equal(torchao_fake, fake_quantize_weight(weight, scheme))
+
+
 def test_straight_through_gradient_is_identity_including_the_clamped_top():
     scheme = QuantScheme(bits=4, group_size=32)
     w = random_weight(4, 64)
@@ -322,6 +345,10 @@ def test_converted_equals_fake_quant_and_reloads(tmp_path, ids, scheme_name, dty
     assert torch.equal(logits(reloaded, ids), converted_logits)
     if dtype == torch.bfloat16:
         assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    # Importing distill.quantize registers the format: plain from_pretrained gives the same model.
+    via_transformers = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype)
+    assert all(isinstance(via_transformers.get_submodule(n), QuantizedLinear) for n in names)
+    assert torch.equal(logits(via_transformers, ids), converted_logits)
     prompt = ids[:1, :4]
     generated = reloaded.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     expected = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
