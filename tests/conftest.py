@@ -57,6 +57,20 @@ def run_cli(*args, env=None, check=True, timeout=900, cwd=None):
     return proc
 
 
+def start_cli(*args, env=None, text=False):
+    """Start the real `distill` command in the background (to signal or kill it mid-run)."""
+    import subprocess
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "distill", *map(str, args)],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=text,
+    )
+
+
 def tiny_recipe(path: Path, stages: list[dict] | None = None, **top) -> Path:
     """A recipe small enough for a test to run many times: 2-layer models, vocab 320, 32 tokens."""
     import yaml

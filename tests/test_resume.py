@@ -2,16 +2,13 @@
 are half-written, truncated or corrupt are skipped loudly; signals save and exit; NaNs are skipped."""
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import ROOT, all_rows, losses_by_step, run_cli, same_weights, tiny_recipe
+from conftest import all_rows, losses_by_step, run_cli, same_weights, start_cli, tiny_recipe
 
 # 12 distill steps of 2 micro-batches of 4 blocks over ~70 training blocks: an epoch every ~9 steps.
 DISTILL = [
@@ -77,14 +74,7 @@ def test_sigkill_then_resume_is_bitwise_identical(reference, tmp_path, kill_at):
 
 def test_sigkill_during_save_keeps_previous_checkpoint(reference, tmp_path):
     run, recipe = fresh_run(reference, tmp_path)
-    env = {**os.environ, "DISTILL_FAULT": "slow_save=30", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "distill", "run", str(recipe)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = start_cli("run", recipe, env={"DISTILL_FAULT": "slow_save=30"})
     ckpts = run / "distilled" / "checkpoints"
     deadline = time.time() + 120
     while time.time() < deadline and not any(p.name.startswith(".tmp-") for p in _ls(ckpts)):
@@ -174,15 +164,7 @@ def test_nan_steps_are_skipped_then_the_run_stops(reference, tmp_path):
 
 def test_sigterm_saves_and_exits_75_then_resumes(reference, tmp_path):
     run, recipe = fresh_run(reference, tmp_path)
-    env = {**os.environ, "DISTILL_FAULT": "step_sleep=0.3", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "distill", "run", str(recipe)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cli("run", recipe, env={"DISTILL_FAULT": "step_sleep=0.3"}, text=True)
     metrics = run / "distilled" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (
