@@ -626,7 +626,12 @@ def torchao_config(scheme: QuantScheme):
         raise ImportError("torchao is not installed: pip install 'distill[quant]'") from error
     granularity = PerAxis(0) if scheme.group_size is None else PerGroup(scheme.group_size)
     mapping = MappingType.SYMMETRIC if scheme.symmetric else MappingType.ASYMMETRIC
-    weight_dtype = getattr(torch, f"int{scheme.bits}")
+    weight_dtype = getattr(torch, f"int{scheme.bits}", None)
+    if weight_dtype is None:
+        raise ValueError(
+            f"{scheme.name()}: torch {torch.__version__} has no torch.int{scheme.bits}, which "
+            "torchao's config needs (torch >= 2.6); prepare_qat/convert_model here do not need it"
+        )
     scale_dtype = SCALE_DTYPES[scheme.scale_dtype]
     if scheme.activations == "int8_dynamic":
         return Int8DynamicActivationIntxWeightConfig(
