@@ -555,6 +555,21 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def _empty_quantized_linears(model: nn.Module, names, scheme: QuantScheme) -> None:
+    """Replace the named linears by empty ``QuantizedLinear`` shells for a checkpoint to fill."""
+    for name in names:
+        linear = model.get_submodule(name)
+        module = QuantizedLinear(
+            linear.in_features,
+            linear.out_features,
+            scheme,
+            bias=linear.bias is not None,
+            dtype=linear.weight.dtype,
+            device=linear.weight.device,
+        )
+        _replace(model, name, module)
+
+
 def prepare_qat(model: nn.Module, scheme: QuantScheme) -> list[str]:
     """Swap every eligible ``nn.Linear`` for a ``FakeQuantLinear`` in place; returns their names.
 
@@ -754,16 +769,7 @@ def load_quantized(
         from contextlib import nullcontext as no_init_weights
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name in meta["modules"]:
-        linear = model.get_submodule(name)
-        module = QuantizedLinear(
-            linear.in_features,
-            linear.out_features,
-            scheme,
-            bias=linear.bias is not None,
-            dtype=linear.weight.dtype,
-        )
-        _replace(model, name, module)
+    _empty_quantized_linears(model, meta["modules"], scheme)
     state = load_file(str(path / WEIGHTS_FILE))
     for alias, source in meta["tied"].items():
         state[alias] = state[source]
@@ -820,17 +826,7 @@ def register_transformers_quantizer() -> bool:
 
         def _process_model_before_weight_loading(self, model, **kwargs):
             scheme = QuantScheme.from_dict(self.quantization_config.scheme_config)
-            for name in self.quantization_config.modules:
-                linear = model.get_submodule(name)
-                module = QuantizedLinear(
-                    linear.in_features,
-                    linear.out_features,
-                    scheme,
-                    bias=linear.bias is not None,
-                    dtype=linear.weight.dtype,
-                    device=linear.weight.device,
-                )
-                _replace(model, name, module)
+            _empty_quantized_linears(model, self.quantization_config.modules, scheme)
             return model
 
         def is_serializable(self) -> bool:
