@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from distill.config import RecipeError
+    from distill.errors import RecipeError
 
     try:
         return COMMANDS[args.command](args)
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(args):
-    from distill.config import load_recipe
+    from distill.recipe_file import load_recipe
 
     overrides = list(args.overrides)
     if args.output_dir:
@@ -144,9 +144,8 @@ def _load(args):
 
 
 def cmd_run(args) -> int:
-    from distill.checkpoint import CheckpointError
-    from distill.pipeline import run_recipe
-    from distill.trainer import EXIT_PREEMPTED, StopRequested, TrainingDiverged
+    from distill.errors import EXIT_PREEMPTED, CheckpointError, StopRequested, TrainingDiverged
+    from distill.run.pipeline import run_recipe
 
     recipe = _load(args)
     try:
@@ -179,7 +178,7 @@ def _is_main_rank() -> bool:
 
 
 def cmd_check(args) -> int:
-    from distill.config import recipe_to_yaml
+    from distill.recipe_file import recipe_to_yaml
 
     recipe = _load(args)
     print(recipe_to_yaml(recipe), end="")
@@ -190,15 +189,16 @@ def cmd_check(args) -> int:
 def cmd_eval(args) -> int:
     from pathlib import Path
 
-    from distill.config import load_recipe
-    from distill.evaluate import generate_latency_s, heldout_metrics
     from distill.models import count_params, dir_size_bytes, load_pretrained
-    from distill.pipeline import RunContext, prepare_tokenizer_and_data
+    from distill.recipe_file import load_recipe
+    from distill.run.context import RunContext
+    from distill.run.prepare import prepare_tokenizer_and_data
+    from distill.runtime.evaluate import generate_latency_s, heldout_metrics
 
     overrides = [f"output_dir={args.output_dir}"] if args.output_dir else []
     recipe = load_recipe(args.recipe, overrides)
     ctx = RunContext(recipe, recipe.resolved_output_dir)
-    from distill.pipeline import make_accelerator
+    from distill.runtime.distributed import make_accelerator
 
     ctx.accelerator = make_accelerator(1)
     prepare_tokenizer_and_data(ctx)
@@ -206,14 +206,14 @@ def cmd_eval(args) -> int:
     fake_quant = os.path.join(args.model_dir, "distill_quant.json")
     scheme = None
     if os.path.isfile(quant_meta):  # a `convert` stage's packed low-bit model
-        from distill.quantize import load_quantized
+        from distill.compress.packed import load_quantized
 
         model = load_quantized(args.model_dir)
         scheme = json.loads(Path(quant_meta).read_text())["scheme_name"]
     else:
         model = load_pretrained(args.model_dir, what="model to evaluate")
     if os.path.isfile(fake_quant):  # a `ptq`/`qat` stage's float weights: measured fake-quantized
-        from distill.quantize import QuantScheme, prepare_qat
+        from distill.compress.fake_quant import QuantScheme, prepare_qat
 
         quant_scheme = QuantScheme.from_dict(json.loads(Path(fake_quant).read_text()))
         prepare_qat(model, quant_scheme)
@@ -239,7 +239,7 @@ def cmd_prune(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from distill.bench import run_bench_command
+    from distill.bench.run import run_bench_command
 
     return run_bench_command(args)
 
@@ -247,12 +247,12 @@ def cmd_bench(args) -> int:
 def cmd_report(args) -> int:
     from pathlib import Path
 
-    from distill.evaluate import write_report
+    from distill.run.report import write_report
 
     out = Path(args.output_dir)
     summary = out / "summary.json"
     if not summary.is_file():
-        from distill.config import RecipeError
+        from distill.errors import RecipeError
 
         raise RecipeError(f"{summary} does not exist; give the output dir of a `distill run`")
     entries = json.loads(summary.read_text())["stages"]

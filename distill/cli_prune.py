@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from distill.config import RecipeError
+from distill.errors import RecipeError
 
 # prune_model's argument names -> the flags a CLI user typed
 _FLAG_NAMES = {
@@ -29,8 +29,8 @@ _FLAG_NAMES = {
 
 def run_prune_command(args) -> int:
     """Check the arguments, load, calibrate, prune, save; print what changed."""
+    from distill.compress.prune import RECORD_FILE, prune_model
     from distill.models import count_params, dir_size_bytes, has_tokenizer, load_pretrained
-    from distill.prune import RECORD_FILE, prune_model
 
     source, out = Path(os.path.expanduser(args.model_dir)), Path(os.path.expanduser(args.out))
     depth_layers = parse_layers(args.layers) if args.layers is not None else None
@@ -129,9 +129,9 @@ def calibration_blocks(
     """Read the files, pack them into `seq_len` blocks, and draw `num_batches` batches of 8."""
     import glob
 
+    from distill.compress.prune import CALIBRATION_BATCH_SIZE
     from distill.config import DataSpec
     from distill.data import load_documents, pack_documents
-    from distill.prune import CALIBRATION_BATCH_SIZE
 
     if not patterns:
         raise RecipeError(

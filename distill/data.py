@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from distill.config import DataSpec, RecipeError, TokenizerTrainSpec
+from distill.config import DataSpec, TokenizerTrainSpec
+from distill.errors import RecipeError
 
 Document = tuple[str, str]  # (stable id used for the held-out split, text)
 

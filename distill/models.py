@@ -8,8 +8,11 @@ import os
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from distill.config import ModelSpec, RecipeError, looks_local
+from distill.config import ModelSpec
+from distill.errors import RecipeError
+from distill.recipe_file import looks_local
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,7 +75,7 @@ def load_pretrained(
     if os.path.isdir(path) and (Path(path) / "quantization.json").is_file():
         raise RecipeError(
             f"{what}: {path!r} holds a converted low-bit model (written by a `convert` stage): it "
-            "is for inference only (load it with distill.quantize.load_quantized); to train, "
+            "is for inference only (load it with distill.compress.packed.load_quantized); to train, "
             "prune or quantize, point at the float model it was converted from"
         )
     kwargs = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
@@ -213,3 +216,30 @@ def dir_size_bytes(path: str | Path, patterns=("*.safetensors", "*.bin", "*.pt")
     """Bytes of weight files in a model directory (what a user ships)."""
     path = Path(path)
     return sum(f.stat().st_size for pat in patterns for f in path.glob(pat) if f.is_file())
+
+
+def causal_lm_of(model: nn.Module) -> nn.Module:
+    """The transformers *ForCausalLM inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The decoder stack without the lm_head, so no logits are computed."""
+    lm = causal_lm_of(model)
+    return getattr(lm, lm.base_model_prefix)
+
+
+def full_weight(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` whole: itself, unless it is a ZeRO-3 partition that no hook has gathered (an
+    evaluation outside the engine's forward); then a gathered copy, for reading only."""
+    status = getattr(weight, "ds_status", None)
+    if status is None or status.name != "NOT_AVAILABLE":
+        return weight
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([weight]):
+        return weight.detach().clone()
+
+
+def is_partitioned(module: nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in module.parameters())

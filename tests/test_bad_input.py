@@ -229,7 +229,7 @@ def test_checkpoint_from_a_different_recipe(tmp_path, assets):
 
 
 def test_checkpoint_from_a_different_world_size(tmp_path, assets):
-    from distill.checkpoint import write_manifest
+    from distill.runtime.checkpoint import write_manifest
 
     path, stage = _finished_run(tmp_path, assets)
     newest = sorted((stage / "checkpoints").glob("step_*"))[-1]

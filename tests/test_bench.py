@@ -8,16 +8,11 @@ import json
 import pytest
 import torch
 
-from distill.bench import (
-    TensorMemoryTracker,
-    build_train_step,
-    pick_stage,
-    step_shapes,
-    student_flops_per_token,
-    teacher_flops_per_token,
-)
+from distill.bench.flops import student_flops_per_token, teacher_flops_per_token
+from distill.bench.memory import TensorMemoryTracker
+from distill.bench.step import build_train_step, pick_stage, step_shapes
 from distill.cli import main
-from distill.config import load_recipe
+from distill.recipe_file import load_recipe
 
 from conftest import RECIPES, run_cli
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill.config import RecipeError, apply_override, load_recipe
+from distill.errors import RecipeError
+from distill.recipe_file import apply_override, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"

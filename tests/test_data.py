@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from distill.config import DataSpec, RecipeError, TokenizerTrainSpec
+from distill.config import DataSpec, TokenizerTrainSpec
 from distill.data import (
     BatchOrder,
     build_packed_data,
@@ -15,6 +15,7 @@ from distill.data import (
     split_documents,
     train_tokenizer,
 )
+from distill.errors import RecipeError
 
 
 @pytest.fixture(scope="module")

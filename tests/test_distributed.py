@@ -374,7 +374,7 @@ def _spec(**kw):
 
 
 def test_deepspeed_config_is_filled_from_the_recipe(monkeypatch):
-    from distill import distributed
+    from distill.runtime import distributed
 
     monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
     shipped = json.loads((ROOT / "launch" / "ds_zero3.json").read_text())
@@ -398,7 +398,7 @@ def test_deepspeed_config_is_filled_from_the_recipe(monkeypatch):
 
 
 def test_deepspeed_config_that_contradicts_the_recipe(monkeypatch):
-    from distill import distributed
+    from distill.runtime import distributed
 
     monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
     config = {

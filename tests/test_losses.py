@@ -1,4 +1,4 @@
-"""Tests of distill.losses: the chunked path against the naive reference, the naive reference against
+"""Tests of distill.objective (losses, chunked, hidden): the chunked path against the naive reference, the naive reference against
 hand-written formulas, divergence identities, memory, layer maps and hidden-state losses."""
 
 from __future__ import annotations
@@ -12,21 +12,23 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from distill.losses import (
+from distill.objective.chunked import chunked_logit_objective
+from distill.objective.hidden import (
+    HiddenProjections,
+    hidden_state_loss,
+    resolve_layer_map,
+    uniform_layer_map,
+)
+from distill.objective.losses import (
     LOGIT_LOSS_KINDS,
     LOGIT_LOSSES,
-    HiddenProjections,
     LogitTerm,
-    chunked_logit_objective,
     forward_kl,
-    hidden_state_loss,
     jsd,
     naive_logit_objective,
-    resolve_layer_map,
     reverse_kl,
     skew_kl,
     skew_reverse_kl,
-    uniform_layer_map,
 )
 
 DIVERGENCE_KINDS = tuple(kind for kind in LOGIT_LOSS_KINDS if kind != "logit_mse")
@@ -192,7 +194,8 @@ def test_chunked_matches_naive_ce_only(dtype):
 def test_closed_form_ce_forward_kl_matches_autograd(dtype, need_grad):
     """The chunked path's hand-written CE + forward-KL gradient equals autograd on the same
     logits, with several temperatures, a zero-weight term and teacher logits of -inf (0 log 0)."""
-    from distill.losses import _ce_forward_kl_chunk, _objective_on_rows
+    from distill.objective.chunked import _ce_forward_kl_chunk
+    from distill.objective.losses import _objective_on_rows
 
     gen = torch.Generator().manual_seed(3)
     n, width, vocab = 9, 6, 11

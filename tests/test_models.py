@@ -4,8 +4,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from distill.config import ModelSpec, RecipeError, TokenizerTrainSpec
+from distill.config import ModelSpec, TokenizerTrainSpec
 from distill.data import train_tokenizer
+from distill.errors import RecipeError
 from distill.models import (
     build_model,
     check_head_covers_tokenizer,

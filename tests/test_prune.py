@@ -16,7 +16,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from distill.prune import (
+from distill.compress.prune import (
     PRUNE_METHODS,
     apply_masks,
     count_parameters,

@@ -333,9 +333,9 @@ def test_models_pruned_by_the_cli_keep_masks_and_layer_map_in_a_recipe(run, caps
     from transformers import AutoModelForCausalLM
 
     from distill.cli import main
-    from distill.config import load_recipe
-    from distill.pipeline import RunContext
-    from distill.stages import _keeps_sparsity, hidden_layer_map
+    from distill.recipe_file import load_recipe
+    from distill.run.context import RunContext
+    from distill.run.prune_stage import _keeps_sparsity, hidden_layer_map
 
     out, _, _ = run
     teacher_dir, distilled_dir = out / "teacher" / "model", out / "distilled" / "model"

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from distill.config import RecipeError, load_recipe
+from distill.errors import RecipeError
+from distill.recipe_file import load_recipe
 
 from conftest import losses_by_step, run_cli, tiny_recipe
 
@@ -60,7 +61,7 @@ def heldout(model, out):
     from transformers import AutoTokenizer
 
     from distill.data import load_packed
-    from distill.evaluate import heldout_metrics
+    from distill.runtime.evaluate import heldout_metrics
 
     (packed,) = (out / "data").glob("packed-*.pt")
     vocab = len(AutoTokenizer.from_pretrained(out / "tokenizer"))
@@ -94,7 +95,7 @@ def test_summary_has_perplexity_scheme_and_size_for_every_stage(run):
 def test_ptq_and_qat_metrics_are_fake_quantized_evals_of_the_exported_weights(run):
     from transformers import AutoModelForCausalLM
 
-    from distill.quantize import QuantScheme, prepare_qat
+    from distill.compress.fake_quant import QuantScheme, prepare_qat
 
     out, stages = run
     for name, source in (("ptq", "fp"), ("qat", "qat")):
@@ -112,8 +113,8 @@ def test_ptq_and_qat_metrics_are_fake_quantized_evals_of_the_exported_weights(ru
 def test_converted_model_matches_qat_reloads_and_generates(run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import distill.quantize  # noqa: F401  (registers the format with transformers)
-    from distill.quantize import QuantizedLinear, load_quantized
+    import distill.compress.packed  # noqa: F401  (registers the format with transformers)
+    from distill.compress.packed import QuantizedLinear, load_quantized
 
     out, stages = run
     path = out / "convert" / "model"

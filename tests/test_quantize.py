@@ -1,4 +1,4 @@
-"""distill.quantize on tiny random Llama models: rounding, straight-through, QAT swap, conversion,
+"""distill.compress (fake_quant, packed) on tiny random Llama models: rounding, straight-through, QAT swap, conversion,
 the packed on-disk format and its size, and the errors for schemes that cannot work."""
 
 import itertools
@@ -10,27 +10,29 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from distill.quantize import (
+from distill.compress.fake_quant import (
     FakeQuantLinear,
-    QuantizedLinear,
     QuantScheme,
-    convert_model,
     dequantize_weight,
     fake_quantize_activation,
     fake_quantize_weight,
-    generate_latency_s,
-    load_quantized,
-    pack_codes,
     prepare_qat,
     quantize_weight,
-    quantized_size_bytes,
     remove_fake_quant,
-    save_quantized,
     set_fake_quant_enabled,
-    set_kernels_enabled,
     torchao_config,
+)
+from distill.compress.packed import (
+    QuantizedLinear,
+    convert_model,
+    load_quantized,
+    pack_codes,
+    quantized_size_bytes,
+    save_quantized,
+    set_kernels_enabled,
     unpack_codes,
 )
+from distill.runtime.evaluate import generate_latency_s
 
 
 def tiny_llama(seed=0, tie=False, dtype=torch.float32, hidden=64):
@@ -345,7 +347,7 @@ def test_converted_equals_fake_quant_and_reloads(tmp_path, ids, scheme_name, dty
     assert torch.equal(logits(reloaded, ids), converted_logits)
     if dtype == torch.bfloat16:
         assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
-    # Importing distill.quantize registers the format: plain from_pretrained gives the same model.
+    # Importing distill.compress.packed registers the format: plain from_pretrained gives the same model.
     via_transformers = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype)
     assert all(isinstance(via_transformers.get_submodule(n), QuantizedLinear) for n in names)
     assert torch.equal(logits(via_transformers, ids), converted_logits)

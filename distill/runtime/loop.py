@@ -9,9 +9,7 @@ hooks, log, evaluate, save.
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -22,28 +20,29 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distill import checkpoint as ckpt
-from distill import faults
-from distill.config import ObjectiveSpec, TrainSpec
+from distill.config import TrainSpec
 from distill.data import BatchOrder
-from distill.distributed import full_weight, is_partitioned, register_head
+from distill.errors import CheckpointError, StopRequested, TrainingDiverged
+from distill.models import causal_lm_of, is_partitioned
+from distill.objective.module import DistillModule, teacher_forward
+from distill.runtime import faults
+from distill.runtime.checkpoint import (
+    STATE,
+    check_free_space,
+    checkpoint_name,
+    clean_stale_tmp,
+    commit,
+    dir_bytes,
+    find_latest_valid,
+    list_checkpoints,
+    read_state,
+    tmp_dir_for,
+    verify,
+)
+from distill.runtime.distributed import register_head
+from distill.runtime.evaluate import heldout_metrics
+from distill.runtime.signals import SignalWatch
 from distill.tracking import Tracker
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving; run again to resume
-EXIT_INTERRUPTED = 130  # a second signal: stopped at once, the last checkpoint is what remains
-
-
-class StopRequested(Exception):
-    """Raised after a signal-triggered checkpoint; the CLI exits with EXIT_PREEMPTED."""
-
-    def __init__(self, checkpoint: Path | None):
-        super().__init__(f"stopped by signal; checkpoint saved at {checkpoint}")
-        self.checkpoint = checkpoint
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite steps."""
-
 
 # ----------------------------------------------------------------------------------------------
 # Learning rate
@@ -70,166 +69,6 @@ def lr_at(step: int, spec: TrainSpec) -> float:
 # Model pieces
 
 
-def causal_lm_of(model: nn.Module) -> nn.Module:
-    """The transformers *ForCausalLM inside a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def backbone_of(model: nn.Module) -> nn.Module:
-    """The decoder stack without the lm_head, so no logits are computed."""
-    lm = causal_lm_of(model)
-    return getattr(lm, lm.base_model_prefix)
-
-
-@dataclass
-class TeacherOutput:
-    hidden: torch.Tensor  # [B, S, H_t] final hidden states (after the final norm)
-    head_weight: torch.Tensor  # [V_t, H_t]
-    states: list[torch.Tensor] | None  # per-layer outputs, index i = layer i
-
-
-class TeacherTrunk(nn.Module):
-    """The frozen teacher as the loop sees it: hidden states and the head weight, never logits.
-
-    A replicated teacher is called through a trunk made on the fly. A partitioned one
-    (`teacher.placement: zero3`) is a trunk wrapped by an inference-only ZeRO-3 engine: calling it
-    gathers the weights layer by layer, and the head weight (registered with DeepSpeed) only for
-    this forward, so a copy of it is handed to the loss.
-    """
-
-    def __init__(self, lm: nn.Module):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids: torch.Tensor, want_states: bool):
-        """(final hidden states, head weight, per-layer outputs or None): plain tensors and
-        tuples, which DeepSpeed's hooks understand."""
-        out = backbone_of(self.lm)(input_ids=input_ids, output_hidden_states=want_states)
-        head = causal_lm_of(self.lm).get_output_embeddings().weight
-        if hasattr(head, "ds_id"):  # ZeRO-3: released (re-partitioned) when this forward ends
-            head = head.detach().clone()
-        states = tuple(out.hidden_states[1:]) if want_states else None
-        return out.last_hidden_state, head, states
-
-
-@torch.no_grad()
-def teacher_forward(teacher: nn.Module, input_ids: torch.Tensor, want_states: bool, autocast):
-    """The frozen teacher's hidden states; no autograd graph is ever built."""
-    trunk = teacher if isinstance(teacher, TeacherTrunk) else TeacherTrunk(teacher)
-    with autocast:
-        hidden, head, states = trunk(input_ids, want_states)
-    return TeacherOutput(hidden=hidden, head_weight=head, states=list(states) if states else None)
-
-
-class DistillModule(nn.Module):
-    """Student + hidden-loss projections, with a forward that returns the loss sums.
-
-    The whole objective runs inside `forward`, so DDP's gradient hooks and DeepSpeed's parameter
-    gathering see every parameter that gets a gradient. Without a teacher it is plain next-token
-    cross-entropy.
-    """
-
-    def __init__(
-        self,
-        student: nn.Module,
-        objective: ObjectiveSpec | None,
-        vocab_size: int,
-        layer_map: list[tuple[int, int]] | None = None,
-        projections: nn.Module | None = None,
-        chunk_size: int = 1024,
-    ):
-        super().__init__()
-        self.chunk_size = objective.chunk_size if objective is not None else chunk_size
-        self.student = student
-        self.projections = projections
-        self.objective = objective
-        self.vocab_size = vocab_size
-        self.layer_map = layer_map or []
-
-    def forward(self, input_ids: torch.Tensor, teacher: TeacherOutput | None = None, labels=None):
-        from distill import losses
-
-        objective = self.objective
-        want_states = bool(teacher is not None and objective and objective.hidden)
-        out = backbone_of(self.student)(input_ids=input_ids, output_hidden_states=want_states)
-        if labels is None:
-            labels = input_ids
-        # position t predicts token t+1
-        shifted = labels[:, 1:].reshape(-1)
-        hidden = out.last_hidden_state[:, :-1].reshape(-1, out.last_hidden_state.shape[-1])
-        # under ZeRO-3 the engine gathers it (distributed.register_head); an evaluation outside
-        # the engine reads a gathered copy
-        head = full_weight(causal_lm_of(self.student).get_output_embeddings().weight)
-        t_hidden = t_head = None
-        if teacher is not None and objective is not None and objective.terms:
-            t_hidden = teacher.hidden[:, :-1].reshape(-1, teacher.hidden.shape[-1])
-            t_head = teacher.head_weight
-        result = self.logit_objective(hidden, head, shifted, t_hidden, t_head)
-        total, parts = result.total, dict(result.terms)
-        if want_states:
-            mask = torch.zeros_like(labels, dtype=torch.bool)
-            mask[:, :-1] = labels[:, 1:] != -100
-            student_states = list(out.hidden_states[1:])
-            hidden_sum, _ = losses.hidden_state_loss(
-                student_states,
-                teacher.states,
-                self.layer_map,
-                self.projections,
-                objective.hidden.kind,
-                mask,
-            )
-            total = total + objective.hidden.weight * hidden_sum
-            parts["hidden"] = hidden_sum.detach()
-        return total, parts, result.num_tokens
-
-    def logit_objective(
-        self,
-        hidden: torch.Tensor,
-        head: torch.Tensor,
-        labels: torch.Tensor,
-        teacher_hidden: torch.Tensor | None = None,
-        teacher_head: torch.Tensor | None = None,
-    ):
-        """CE + logit terms (sums, a `losses.ObjectiveOutput`) from final hidden states [N, H] and
-        aligned labels [N], by the objective's path; `distill bench` also measures it alone."""
-        from distill import losses
-
-        objective = self.objective
-        terms, ce_weight = [], 1.0
-        if objective is not None and teacher_hidden is not None:
-            terms = [
-                losses.LogitTerm(t.kind, t.weight, t.temperature, t.beta, t.alpha)
-                for t in objective.terms
-            ]
-            ce_weight = objective.ce_weight
-        if not terms:
-            teacher_hidden = teacher_head = None
-        if objective is not None and objective.path == "naive":
-            student_logits = hidden @ head.t()
-            teacher_logits = (
-                teacher_hidden @ teacher_head.t() if teacher_hidden is not None else None
-            )
-            return losses.naive_logit_objective(
-                student_logits,
-                labels,
-                terms,
-                ce_weight,
-                teacher_logits=teacher_logits,
-                vocab_size=self.vocab_size,
-            )
-        return losses.chunked_logit_objective(
-            hidden,
-            head,
-            labels,
-            terms,
-            ce_weight,
-            teacher_hidden=teacher_hidden,
-            teacher_head_weight=teacher_head,
-            vocab_size=self.vocab_size,
-            chunk_size=self.chunk_size,
-        )
-
-
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only; norms and biases are left alone."""
     decay, no_decay, seen = [], [], set()
@@ -247,39 +86,6 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------------
 # Signals
-
-
-class SignalWatch:
-    """SIGTERM/SIGUSR1: finish the optimizer step, save, exit. A second one: exit at once."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in self.SIGNALS:
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            print("distill: second signal, exiting now", file=sys.stderr, flush=True)
-            os._exit(EXIT_INTERRUPTED)
-        self.requested = True
-        print(
-            f"distill: got {signal.Signals(signum).name}; saving a checkpoint after this step",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,7 +211,7 @@ def train(job: TrainJob) -> TrainResult:
             state["tokens"] += global_count
             faults.after_step()
             if state["bad_steps"] >= spec.max_bad_steps:
-                last = ckpt.find_latest_valid(ckpt_root)
+                last = find_latest_valid(ckpt_root)
                 raise TrainingDiverged(
                     f"{state['bad_steps']} consecutive steps with a non-finite loss or gradient "
                     f"norm (last at step {step}); the last good checkpoint is {last or 'none'}. "
@@ -480,7 +286,6 @@ def _any(acc, flag: bool, device) -> bool:
 
 
 def evaluate_heldout(job: TrainJob, module, autocast, max_batches: int | None) -> dict:
-    from distill.evaluate import heldout_metrics
 
     inner = job.accelerator.unwrap_model(module)
     return heldout_metrics(
@@ -496,81 +301,6 @@ def evaluate_heldout(job: TrainJob, module, autocast, max_batches: int | None) -
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
-
-
-def save_checkpoint(job: TrainJob, acc, state: dict, root: Path) -> Path:
-    import json
-
-    step = state["step"]
-    tmp = ckpt.tmp_dir_for(root, step)
-    if acc.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        previous = ckpt.list_checkpoints(root)
-        ckpt.check_free_space(root, ckpt.dir_bytes(previous[-1]) if previous else 0)
-        ckpt.clean_stale_tmp(root)
-    acc.wait_for_everyone()
-    path = root / ckpt.checkpoint_name(step)
-    try:
-        acc.save_state(str(tmp), safe_serialization=False)
-        faults.during_save(step)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            meta = {
-                **state,
-                "world_size": acc.num_processes,
-                "fingerprint": job.fingerprint,
-                "tracker_run_id": job.tracker.run_id,
-            }
-            (tmp / ckpt.STATE).write_text(json.dumps(meta, indent=1))
-            path = ckpt.commit(root, step, job.spec.keep_last)
-            job.log(f"saved checkpoint {path}")
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = ckpt.list_checkpoints(root)
-        raise ckpt.CheckpointError(
-            f"saving the checkpoint of step {step} in {root} failed: {err}. The previous "
-            f"checkpoint ({previous[-1] if previous else 'none'}) is intact; free disk space or "
-            "fix permissions, then run the same command again to resume from it."
-        ) from err
-    acc.wait_for_everyone()
-    return path
-
-
-def _resume(job: TrainJob, acc, state: dict, root: Path) -> Path | None:
-    spec = job.spec
-    if spec.resume == "never":
-        return None
-    if acc.is_main_process:
-        ckpt.clean_stale_tmp(root)
-    acc.wait_for_everyone()
-    if spec.resume == "auto":
-        path = ckpt.find_latest_valid(root, log=job.log)
-        if path is None:
-            return None
-    else:
-        path = Path(spec.resume)
-        problem = ckpt.verify(path) if path.is_dir() else "no such directory"
-        if problem:
-            raise ckpt.CheckpointError(f"train.resume: cannot use {path}: {problem}")
-    meta = ckpt.read_state(path)
-    if meta.get("fingerprint") != job.fingerprint and not job.force_resume:
-        raise ckpt.CheckpointError(
-            f"checkpoint {path} was written by a different recipe or stage settings; refusing to "
-            "resume from it. Use a new output directory, delete the checkpoint, or pass "
-            "--force-resume to continue anyway."
-        )
-    if meta.get("world_size") != acc.num_processes:
-        raise ckpt.CheckpointError(
-            f"checkpoint {path} was written by {meta.get('world_size')} processes, this run has "
-            f"{acc.num_processes}. Relaunch with {meta.get('world_size')} processes to continue "
-            "exactly, or start the stage anew with `train.resume=never` (optionally initialising "
-            "from its exported model)."
-        )
-    acc.load_state(str(path))
-    for key in ("step", "tokens", "bad_steps", "skipped_steps"):
-        state[key] = meta.get(key, 0)
-    job.log(f"resumed from {path} at step {state['step']}")
-    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -602,3 +332,78 @@ def _report(acc, progress, row: dict, step: int, total: int, log) -> None:
 def _close_progress(progress) -> None:
     if progress is not None:
         progress.close()
+
+
+def save_checkpoint(job: TrainJob, acc, state: dict, root: Path) -> Path:
+    import json
+
+    step = state["step"]
+    tmp = tmp_dir_for(root, step)
+    if acc.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        previous = list_checkpoints(root)
+        check_free_space(root, dir_bytes(previous[-1]) if previous else 0)
+        clean_stale_tmp(root)
+    acc.wait_for_everyone()
+    path = root / checkpoint_name(step)
+    try:
+        acc.save_state(str(tmp), safe_serialization=False)
+        faults.during_save(step)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            meta = {
+                **state,
+                "world_size": acc.num_processes,
+                "fingerprint": job.fingerprint,
+                "tracker_run_id": job.tracker.run_id,
+            }
+            (tmp / STATE).write_text(json.dumps(meta, indent=1))
+            path = commit(root, step, job.spec.keep_last)
+            job.log(f"saved checkpoint {path}")
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(root)
+        raise CheckpointError(
+            f"saving the checkpoint of step {step} in {root} failed: {err}. The previous "
+            f"checkpoint ({previous[-1] if previous else 'none'}) is intact; free disk space or "
+            "fix permissions, then run the same command again to resume from it."
+        ) from err
+    acc.wait_for_everyone()
+    return path
+
+
+def _resume(job: TrainJob, acc, state: dict, root: Path) -> Path | None:
+    spec = job.spec
+    if spec.resume == "never":
+        return None
+    if acc.is_main_process:
+        clean_stale_tmp(root)
+    acc.wait_for_everyone()
+    if spec.resume == "auto":
+        path = find_latest_valid(root, log=job.log)
+        if path is None:
+            return None
+    else:
+        path = Path(spec.resume)
+        problem = verify(path) if path.is_dir() else "no such directory"
+        if problem:
+            raise CheckpointError(f"train.resume: cannot use {path}: {problem}")
+    meta = read_state(path)
+    if meta.get("fingerprint") != job.fingerprint and not job.force_resume:
+        raise CheckpointError(
+            f"checkpoint {path} was written by a different recipe or stage settings; refusing to "
+            "resume from it. Use a new output directory, delete the checkpoint, or pass "
+            "--force-resume to continue anyway."
+        )
+    if meta.get("world_size") != acc.num_processes:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {meta.get('world_size')} processes, this run has "
+            f"{acc.num_processes}. Relaunch with {meta.get('world_size')} processes to continue "
+            "exactly, or start the stage anew with `train.resume=never` (optionally initialising "
+            "from its exported model)."
+        )
+    acc.load_state(str(path))
+    for key in ("step", "tokens", "bad_steps", "skipped_steps"):
+        state[key] = meta.get(key, 0)
+    job.log(f"resumed from {path} at step {state['step']}")
+    return path

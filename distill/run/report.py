@@ -1,105 +1,10 @@
-"""Measuring a model: held-out perplexity, agreement with the teacher, size, generation latency;
-and the run report that puts every stage side by side."""
+"""The run's summary and report: every stage side by side (size, quality, what each step cost and
+won), as `summary.json`, `report.md` and `report.png`."""
 
 from __future__ import annotations
 
 import json
-import math
-import time
-from contextlib import nullcontext
 from pathlib import Path
-
-import torch
-
-
-@torch.no_grad()
-def heldout_metrics(
-    model,
-    blocks: torch.Tensor,
-    batch_size: int,
-    vocab_size: int,
-    autocast=None,
-    accelerator=None,
-    max_batches: int | None = None,
-    chunk_size: int = 1024,
-) -> dict:
-    """Next-token loss and perplexity over held-out blocks, sharded over ranks when an
-    accelerator with several processes is given."""
-    from distill.trainer import DistillModule
-
-    device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    world = accelerator.num_processes if accelerator is not None else 1
-    rank = accelerator.process_index if accelerator is not None else 0
-    was_training = model.training
-    model.eval()
-    n_batches = math.ceil(len(blocks) / batch_size)
-    if max_batches:
-        n_batches = min(n_batches, max_batches)
-    # Every rank runs the same number of forwards (ZeRO-3 gathers are collectives); a rank
-    # without data left runs a fully masked batch that counts nothing.
-    per_rank = math.ceil(n_batches / world)
-    plain = DistillModule(model, None, vocab_size, chunk_size=chunk_size)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    count = torch.zeros((), device=device, dtype=torch.float64)
-    for i in range(per_rank):
-        b = i * world + rank
-        ids = blocks[b * batch_size : (b + 1) * batch_size] if b < n_batches else blocks[:1]
-        ids = ids.to(device)
-        labels = ids if b < n_batches else torch.full_like(ids, -100)
-        with autocast or nullcontext():
-            total, _, n = plain(ids, None, labels=labels)
-        loss_sum += total.double()
-        count += n.double()
-    if world > 1:
-        loss_sum = accelerator.reduce(loss_sum, "sum")
-        count = accelerator.reduce(count, "sum")
-    model.train(was_training)
-    loss = float(loss_sum / count.clamp(min=1))
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(count)}
-
-
-@torch.no_grad()
-def teacher_agreement(
-    student, teacher, blocks: torch.Tensor, batch_size: int, vocab_size: int, max_batches: int = 4
-) -> float:
-    """Fraction of held-out positions where the student's top-1 token equals the teacher's."""
-    from distill.trainer import backbone_of, causal_lm_of
-
-    agree = total = 0
-    for b in range(min(max_batches, math.ceil(len(blocks) / batch_size))):
-        ids = blocks[b * batch_size : (b + 1) * batch_size]
-        picks = []
-        for model in (student, teacher):
-            device = next(model.parameters()).device
-            hidden = backbone_of(model)(input_ids=ids.to(device)).last_hidden_state
-            head = causal_lm_of(model).get_output_embeddings()
-            flat = hidden.reshape(-1, hidden.shape[-1])
-            # chunked so a large vocabulary never needs [all tokens x vocab] at once
-            picks.append(
-                torch.cat(
-                    [
-                        head(flat[i : i + 1024])[:, :vocab_size].argmax(-1).cpu()
-                        for i in range(0, len(flat), 1024)
-                    ]
-                )
-            )
-        agree += int((picks[0] == picks[1]).sum())
-        total += picks[0].numel()
-    return agree / max(total, 1)
-
-
-@torch.no_grad()
-def generate_latency_s(model, prompt_ids: torch.Tensor, new_tokens: int = 128) -> float:
-    """Wall time of greedy generation of `new_tokens` tokens (after one warm-up)."""
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    model.generate(prompt_ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
-    start = time.perf_counter()
-    model.generate(prompt_ids, **kwargs)
-    return time.perf_counter() - start
-
-
-# ----------------------------------------------------------------------------------------------
-# Report
 
 
 def write_summary(path: Path, entries: list[dict]) -> None:

@@ -33,15 +33,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distill.config import RecipeError
+from distill.config import TRAINING_KINDS
+from distill.errors import LaunchError
+from distill.models import causal_lm_of
+from distill.objective.module import TeacherTrunk
 
 INIT_TIMEOUT_ENV = "DISTILL_INIT_TIMEOUT_S"
 DEFAULT_INIT_TIMEOUT_S = 600
-
-
-class LaunchError(RecipeError):
-    """The launch (accelerate/DeepSpeed config, processes, rendezvous) and the recipe cannot run
-    together; the message says which setting to change."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,7 +242,6 @@ def configure_deepspeed(acc, spec, hidden_size: int) -> None:
 def check_launch(acc, recipe) -> None:
     """Before anything is built: every training stage of `recipe` can run under this launch
     (DeepSpeed settings, precision, teacher placement, what ZeRO-3 cannot honour)."""
-    from distill.config import TRAINING_KINDS
 
     problems: list[str] = []
     by_name = {stage.name: stage for stage in recipe.stages}
@@ -407,8 +404,6 @@ def partition_teacher(teacher_lm: nn.Module, ds_config: dict) -> nn.Module:
     turn on every rank, so every rank must run every teacher forward."""
     import deepspeed
 
-    from distill.trainer import TeacherTrunk, causal_lm_of
-
     trunk = TeacherTrunk(teacher_lm)
     # the head weight is read in TeacherTrunk.forward, not through the lm_head module
     head = causal_lm_of(teacher_lm).get_output_embeddings().weight
@@ -417,10 +412,6 @@ def partition_teacher(teacher_lm: nn.Module, ds_config: dict) -> nn.Module:
     engine.eval()
     object.__setattr__(trunk, "engine", engine)  # keep it alive, not registered as a submodule
     return trunk
-
-
-def is_partitioned(module: nn.Module) -> bool:
-    return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,18 +425,6 @@ def register_head(acc, module: nn.Module, head: torch.Tensor) -> None:
         import deepspeed
 
         deepspeed.zero.register_external_parameter(module, head)
-
-
-def full_weight(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` whole: itself, unless it is a ZeRO-3 partition that no hook has gathered (an
-    evaluation outside the engine's forward); then a gathered copy, for reading only."""
-    status = getattr(weight, "ds_status", None)
-    if status is None or status.name != "NOT_AVAILABLE":
-        return weight
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters([weight]):
-        return weight.detach().clone()
 
 
 def gathered_state_dict(acc, model: nn.Module) -> dict[str, torch.Tensor] | None:

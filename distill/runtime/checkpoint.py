@@ -17,14 +17,12 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from distill.errors import CheckpointError
+
 MANIFEST = "MANIFEST.json"
 STATE = "trainer_state.json"
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or used; the message says what to do."""
 
 
 def checkpoint_name(step: int) -> str:

@@ -1,0 +1,124 @@
+"""What every stage of a run shares: the recipe, the output folder, the tokenizer and data, and the
+stages finished so far; and how a stage reaches a model by reference (an earlier stage's output or a
+key of `models`)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distill.config import ModelSpec, Recipe
+from distill.errors import RecipeError
+from distill.models import (
+    build_model,
+    check_head_covers_tokenizer,
+    check_same_tokenizer,
+    check_seq_len,
+    has_tokenizer,
+    load_pretrained,
+    load_tokenizer,
+)
+
+STAGE_DONE = "stage.json"
+
+
+@dataclass
+class RunContext:
+    recipe: Recipe
+    out_dir: Path
+    max_steps: int | None = None
+    force_resume: bool = False
+    accelerator: object = None
+    tokenizer: object = None
+    data: object = None
+    data_fingerprint: str = ""
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    entries: list[dict] = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            print(f"[distill] {message}", file=sys.stderr, flush=True)
+
+
+def stage_dir(ctx: RunContext, name: str) -> Path:
+    return ctx.out_dir / name
+
+
+def model_dir(ctx: RunContext, name: str) -> Path:
+    return stage_dir(ctx, name) / "model"
+
+
+def _earlier_stage(ctx: RunContext, ref: str):
+    for entry in ctx.entries:
+        if entry["name"] == ref:
+            return entry
+    return None
+
+
+def ref_fingerprint(ctx: RunContext, ref: str) -> str:
+    if ref in ctx.fingerprints:
+        return ctx.fingerprints[ref]
+    return ctx.recipe.fingerprint(ctx.recipe.models[ref].model_dump(mode="json"))
+
+
+def load_ref(ctx: RunContext, ref: str, what: str, dtype: str | None = None):
+    """A model by reference: an earlier stage's output, or a spec of `models`."""
+
+    entry = _earlier_stage(ctx, ref)
+    if entry is not None:
+        return load_pretrained(
+            entry["model_dir"], what=f"{what} (stage {ref!r})", dtype=dtype or "float32"
+        )
+    spec: ModelSpec = ctx.recipe.models[ref]
+    if dtype is not None and spec.dtype == "float32":
+        spec = spec.model_copy(update={"dtype": dtype})
+    return build_model(spec, ctx.tokenizer, seed=ctx.recipe.seed, what=ref)
+
+
+def ref_config(ctx: RunContext, ref: str):
+    """The transformers config of a model by reference, without loading its weights."""
+    from transformers import AutoConfig
+
+    entry = _earlier_stage(ctx, ref)
+    if entry is not None:
+        return AutoConfig.from_pretrained(entry["model_dir"])
+    spec: ModelSpec = ctx.recipe.models[ref]
+    if spec.config is not None:
+        fields = dict(spec.config)
+        fields.setdefault("vocab_size", len(ctx.tokenizer))
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    return AutoConfig.from_pretrained(
+        os.path.expanduser(spec.path),
+        trust_remote_code=spec.trust_remote_code,
+        revision=spec.revision,
+    )
+
+
+def ref_spec(ctx: RunContext, ref: str) -> ModelSpec | None:
+    return None if _earlier_stage(ctx, ref) is not None else ctx.recipe.models.get(ref)
+
+
+def check_model_against_tokenizer(ctx: RunContext, ref: str, model, what: str) -> None:
+
+    spec = ref_spec(ctx, ref)
+    if (
+        spec is not None
+        and spec.path
+        and (has_tokenizer(spec.path) or not os.path.isdir(spec.path))
+    ):
+        try:
+            own = load_tokenizer(spec.path, what, spec.trust_remote_code)
+        except RecipeError:
+            own = None
+        if own is not None:
+            check_same_tokenizer(
+                ctx.tokenizer, own, "the recipe's tokenizer", f"{what} ({spec.path})"
+            )
+    check_head_covers_tokenizer(model, ctx.tokenizer, what)
+    check_seq_len(model, ctx.data.seq_len, what)

@@ -1,0 +1,139 @@
+"""Running a recipe: tokenizer and data once, then each stage in order, each reading the previous
+stage's model directory and writing its own:
+
+    <output_dir>/tokenizer/, data/, <stage>/{model/, checkpoints/, metrics.jsonl, stage.json},
+    summary.json, report.md, report.png
+
+A stage whose `stage.json` records the same fingerprint (its resolved settings and those of
+everything upstream) is finished and skipped, so re-running a recipe continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+from distill.config import Recipe
+from distill.recipe_file import recipe_to_yaml
+from distill.run.context import STAGE_DONE, RunContext, ref_fingerprint, stage_dir
+from distill.run.prepare import prepare_tokenizer_and_data
+from distill.run.prune_stage import run_prune_stage
+from distill.run.quant_stages import run_convert_stage, run_ptq_stage
+from distill.run.report import write_report, write_summary
+from distill.run.train_stage import run_training_stage
+from distill.runtime import distributed
+from distill.runtime.distributed import check_launch, check_same_recipe
+
+
+def run_recipe(recipe: Recipe, max_steps: int | None = None, force_resume: bool = False) -> list:
+    """Run every stage of `recipe`; returns the summary entries."""
+    from accelerate import Accelerator
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-shard save/load bars drown the training log
+    ctx = RunContext(recipe, recipe.resolved_output_dir, max_steps, force_resume)
+    ctx.accelerator = distributed.make_accelerator(1)
+
+    # several processes must agree on the recipe, and the launch must suit every stage of it
+    check_same_recipe(ctx.accelerator, f"{_recipe_yaml(recipe)}\nmax_steps={max_steps}")
+    check_launch(ctx.accelerator, recipe)
+    if ctx.is_main:
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        (ctx.out_dir / "recipe.yaml").write_text(_recipe_yaml(recipe))
+    assert isinstance(ctx.accelerator, Accelerator)
+    prepare_tokenizer_and_data(ctx)
+    for stage in recipe.stages:
+        entry = run_stage(ctx, stage)
+        ctx.entries.append(entry)
+        if ctx.is_main:
+            write_summary(ctx.out_dir / "summary.json", ctx.entries)
+    if ctx.is_main:
+        report = write_report(ctx.out_dir, recipe.name, ctx.entries)
+        ctx.log(f"report: {report}")
+    ctx.accelerator.wait_for_everyone()
+    return ctx.entries
+
+
+def _recipe_yaml(recipe: Recipe) -> str:
+
+    return recipe_to_yaml(recipe)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and data
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+
+
+def stage_fingerprint(ctx: RunContext, stage) -> str:
+    settings = stage.model_dump(mode="json")
+    if ctx.max_steps is not None and "train" in settings:
+        settings["train"]["max_steps"] = min(settings["train"]["max_steps"], ctx.max_steps)
+    upstream = [ref_fingerprint(ctx, stage.model)]
+    teacher = getattr(stage, "teacher", None)
+    if teacher is not None:
+        upstream.append(ref_fingerprint(ctx, teacher.model))
+    return ctx.recipe.fingerprint(
+        settings, upstream, ctx.data_fingerprint, ctx.recipe.seed, ctx.recipe.eval.model_dump()
+    )
+
+
+def run_stage(ctx: RunContext, stage) -> dict:
+    fp = stage_fingerprint(ctx, stage)
+    ctx.fingerprints[stage.name] = fp
+    done = stage_dir(ctx, stage.name) / STAGE_DONE
+    if done.is_file():
+        record = json.loads(done.read_text())
+        if record.get("fingerprint") == fp:
+            ctx.log(f"stage {stage.name!r} already finished with these settings; skipping")
+            return record["entry"]
+        previous = stage_dir(ctx, stage.name).with_name(
+            f"{stage.name}.previous-{record.get('fingerprint')}"
+        )
+        ctx.log(
+            f"stage {stage.name!r} has output from other settings; running it again (the "
+            f"finished output moves to {previous})"
+        )
+        if ctx.is_main:
+            # A finished stage's checkpoints belong to its old settings: kept aside, not resumed
+            # from, so nothing is lost and nothing is mistaken for progress of the new settings.
+            if previous.exists():
+                shutil.rmtree(previous)
+            stage_dir(ctx, stage.name).rename(previous)
+        ctx.accelerator.wait_for_everyone()
+    ctx.log(f"stage {stage.name!r} ({stage.kind}) starting")
+    if ctx.is_main:
+        stage_dir(ctx, stage.name).mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    runner = RUNNERS[stage.kind]
+    entry = runner(ctx, stage, fp)
+    if "wall_s" in entry:  # the training loop's own time; the stage's includes load/eval/export
+        entry["train_wall_s"] = entry["wall_s"]
+    entry["wall_s"] = time.perf_counter() - t0
+    entry = {"name": stage.name, "kind": stage.kind, **entry}
+    if stage.compare_to:
+        entry["compare_to"] = stage.compare_to
+    if ctx.is_main:
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"fingerprint": fp, "entry": entry}, indent=2))
+        tmp.replace(done)
+        ppl = (entry.get("eval") or {}).get("perplexity")
+        ctx.log(
+            f"stage {stage.name!r} done in {entry['wall_s']:.1f} s"
+            + (f": held-out perplexity {ppl:.2f}" if ppl else "")
+        )
+    ctx.accelerator.wait_for_everyone()
+    return entry
+
+
+RUNNERS = {
+    "train": run_training_stage,
+    "distill": run_training_stage,
+    "qat": run_training_stage,
+    "prune": run_prune_stage,
+    "ptq": run_ptq_stage,
+    "convert": run_convert_stage,
+}

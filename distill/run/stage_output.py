@@ -1,0 +1,74 @@
+"""What every stage kind does at its end: export its model directory atomically, measure it, and
+say what it is in the summary."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from distill.models import count_params, dir_size_bytes
+from distill.run.context import RunContext
+from distill.runtime.evaluate import generate_latency_s, heldout_metrics
+
+
+def _eval_spec(ctx: RunContext, stage):
+    return stage.eval or ctx.recipe.eval
+
+
+def _capped(ctx: RunContext, spec):
+    if ctx.max_steps is not None and spec.max_steps > ctx.max_steps:
+        return spec.model_copy(update={"max_steps": ctx.max_steps})
+    return spec
+
+
+def _export(ctx: RunContext, model, out: Path, extra_files: dict | None = None) -> None:
+    """save_pretrained into a temporary folder, then rename: a model dir is whole or absent."""
+
+    if not ctx.is_main:
+        return
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    ctx.tokenizer.save_pretrained(tmp)
+    for name, content in (extra_files or {}).items():
+        (tmp / name).write_text(content)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def _heldout(ctx: RunContext, model, stage, autocast=None) -> dict:
+
+    ev = _eval_spec(ctx, stage)
+    return heldout_metrics(model, ctx.data.eval, ev.batch_size, len(ctx.tokenizer), autocast)
+
+
+def _latency(ctx: RunContext, model, stage) -> float | None:
+
+    ev = _eval_spec(ctx, stage)
+    if not ev.latency:
+        return None
+    return generate_latency_s(model, ctx.data.eval[:1, :16], ev.latency_tokens)
+
+
+def _entry(ctx: RunContext, stage, model, out: Path, metrics: dict, **extra) -> dict:
+    return {
+        "model_dir": str(out),
+        "from": stage.model,
+        "params": count_params(model),
+        "size_bytes": dir_size_bytes(out),
+        "eval": {"perplexity": metrics["perplexity"], "loss": metrics["loss"]},
+        # a float stage's scheme is the dtype of its stored weights ("fp32", "bf16")
+        "scheme": extra.pop("scheme", None) or _float_scheme(model),
+        **{k: v for k, v in extra.items() if v is not None},
+    }
+
+
+def _float_scheme(model) -> str:
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        dtype, str(dtype).removeprefix("torch.")
+    )
