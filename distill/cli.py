@@ -7,8 +7,6 @@ import json
 import os
 import sys
 
-EXIT_BAD_INPUT = 2
-
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
@@ -21,32 +19,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", help="write here instead of the recipe's output_dir")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="distill",
-        description="Distill, prune and quantize language models, from a YAML recipe.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("run", help="run every stage of a recipe (finished stages are skipped)")
-    _add_recipe_args(p)
-    p.add_argument("--max-steps", type=int, help="cap every training stage at N steps (dry run)")
-    p.add_argument(
-        "--force-resume",
-        action="store_true",
-        help="resume from a checkpoint even if it was written with other settings",
-    )
-
-    p = sub.add_parser("check", help="validate a recipe and print it fully resolved")
-    _add_recipe_args(p)
-
-    p = sub.add_parser("eval", help="held-out perplexity (and optional latency) of a model dir")
-    p.add_argument("model_dir")
-    p.add_argument("--recipe", required=True, help="recipe whose data and held-out split to use")
-    p.add_argument("--output-dir", help="the recipe run's output dir (for its tokenizer and data)")
-    p.add_argument("--latency", action="store_true", help="also time 128-token generation")
-
-    p = sub.add_parser("prune", help="prune a model directory and save the result")
+def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir")
     p.add_argument("--out", required=True, help="where to save the pruned model")
     p.add_argument(
@@ -99,6 +72,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="load and save in this dtype (auto: as stored)",
     )
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distill",
+        description="Distill, prune and quantize language models, from a YAML recipe.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run every stage of a recipe (finished stages are skipped)")
+    _add_recipe_args(p)
+    p.add_argument("--max-steps", type=int, help="cap every training stage at N steps (dry run)")
+    p.add_argument(
+        "--force-resume",
+        action="store_true",
+        help="resume from a checkpoint even if it was written with other settings",
+    )
+
+    p = sub.add_parser("check", help="validate a recipe and print it fully resolved")
+    _add_recipe_args(p)
+
+    p = sub.add_parser("eval", help="held-out perplexity (and optional latency) of a model dir")
+    p.add_argument("model_dir")
+    p.add_argument("--recipe", required=True, help="recipe whose data and held-out split to use")
+    p.add_argument("--output-dir", help="the recipe run's output dir (for its tokenizer and data)")
+    p.add_argument("--latency", action="store_true", help="also time 128-token generation")
+
+    _add_prune_args(sub.add_parser("prune", help="prune a model directory and save the result"))
+
     p = sub.add_parser("bench", help="throughput, MFU and peak memory of a recipe's training step")
     _add_recipe_args(p)
     p.add_argument("--stage", help="the training stage to measure (default: first distill stage)")
@@ -123,15 +124,32 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from distill.errors import RecipeError
+    from distill.errors import EXIT_INTERRUPTED, DistillError, StopRequested
 
     try:
         return COMMANDS[args.command](args)
-    except RecipeError as err:
+    except StopRequested as stop:
+        if _is_main_rank():
+            print(f"distill: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except DistillError as err:
         print(f"distill: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return err.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Every exit, errors included and on every rank, leaves the process group first: a process
+    that exits with gloo's threads still running aborts (SIGABRT) instead of returning its code."""
+    if "torch.distributed" not in sys.modules:  # nothing distributed was ever started
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _load(args):
@@ -144,27 +162,10 @@ def _load(args):
 
 
 def cmd_run(args) -> int:
-    from distill.errors import EXIT_PREEMPTED, CheckpointError, StopRequested, TrainingDiverged
     from distill.run.pipeline import run_recipe
 
     recipe = _load(args)
-    try:
-        entries = run_recipe(recipe, max_steps=args.max_steps, force_resume=args.force_resume)
-    except StopRequested as stop:
-        if not _is_main_rank():
-            return EXIT_PREEMPTED
-        print(
-            f"distill: stopped by signal; checkpoint {stop.checkpoint}. Run the same command "
-            f"again to resume (exit code {EXIT_PREEMPTED}).",
-            file=sys.stderr,
-        )
-        return EXIT_PREEMPTED
-    except CheckpointError as err:
-        print(f"distill: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except TrainingDiverged as err:
-        print(f"distill: error: {err}", file=sys.stderr)
-        return 1
+    entries = run_recipe(recipe, max_steps=args.max_steps, force_resume=args.force_resume)
     out = recipe.resolved_output_dir
     if _is_main_rank():
         print(
@@ -213,9 +214,9 @@ def cmd_eval(args) -> int:
     else:
         model = load_pretrained(args.model_dir, what="model to evaluate")
     if os.path.isfile(fake_quant):  # a `ptq`/`qat` stage's float weights: measured fake-quantized
-        from distill.compress.fake_quant import QuantScheme, prepare_qat
+        from distill.compress.fake_quant import QuantSpec, prepare_qat
 
-        quant_scheme = QuantScheme.from_dict(json.loads(Path(fake_quant).read_text()))
+        quant_scheme = QuantSpec.model_validate(json.loads(Path(fake_quant).read_text()))
         prepare_qat(model, quant_scheme)
         scheme = quant_scheme.name()
     metrics = heldout_metrics(model, ctx.data.eval, recipe.eval.batch_size, len(ctx.tokenizer))

@@ -10,36 +10,37 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from distill.errors import RecipeError
-
-# prune_model's argument names -> the flags a CLI user typed
-_FLAG_NAMES = {
-    "width_heads_fraction": "--heads-fraction",
-    "width_mlp_fraction": "--mlp-fraction",
-    "width_head_unit": "--head-unit",
-    "depth_layers": "--layers",
-}
+from distill.compress.prune import CALIBRATION_BATCH_SIZE, RECORD_FILE, prune_model
+from distill.config import DataSpec
+from distill.data import load_documents, pack_documents
+from distill.errors import RecipeError, SettingError, as_flag
+from distill.models import (
+    count_params,
+    dir_size_bytes,
+    has_tokenizer,
+    load_pretrained,
+    load_tokenizer,
+    save_model_dir,
+)
+from distill.recipe_file import build_spec
+from distill.specs import PruneSpec
 
 
 def run_prune_command(args) -> int:
     """Check the arguments, load, calibrate, prune, save; print what changed."""
-    from distill.compress.prune import RECORD_FILE, prune_model
-    from distill.models import count_params, dir_size_bytes, has_tokenizer, load_pretrained
 
     source, out = Path(os.path.expanduser(args.model_dir)), Path(os.path.expanduser(args.out))
     depth_layers = parse_layers(args.layers) if args.layers is not None else None
+    spec = build_spec(PruneSpec, _spec_fields(args, depth_layers), as_flag)
     _check_arguments(args, source, out, depth_layers)
     calibrate = needs_calibration(args.method, args.scoring, depth_layers)
     tokenizer = None
     if has_tokenizer(str(source)):
-        from distill.models import load_tokenizer
-
         tokenizer = load_tokenizer(str(source), f"the tokenizer of {str(source)!r}")
     elif calibrate:
         raise RecipeError(
@@ -58,22 +59,9 @@ def run_prune_command(args) -> int:
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     params_before = count_params(model)
     try:
-        result = prune_model(
-            model,
-            args.method,
-            sparsity=args.sparsity,
-            n=args.n,
-            m=args.m,
-            scoring=args.scoring,
-            scope=args.scope,
-            calibration=calibration,
-            width_heads_fraction=args.heads_fraction,
-            width_mlp_fraction=args.mlp_fraction,
-            width_head_unit=args.head_unit,
-            depth_layers=depth_layers,
-        )
-    except ValueError as err:
-        raise RecipeError(_with_flag_names(str(err))) from err
+        result = prune_model(model, spec, calibration)
+    except SettingError as err:
+        raise err.named(as_flag) from None
 
     record = json.dumps(result.record(source=str(source)), indent=2)
     save_model_dir(model, tokenizer, out, {RECORD_FILE: record})
@@ -129,10 +117,6 @@ def calibration_blocks(
     """Read the files, pack them into `seq_len` blocks, and draw `num_batches` batches of 8."""
     import glob
 
-    from distill.compress.prune import CALIBRATION_BATCH_SIZE
-    from distill.config import DataSpec
-    from distill.data import load_documents, pack_documents
-
     if not patterns:
         raise RecipeError(
             "this method needs calibration text: pass --calibration FILE [FILE ...] (text, "
@@ -162,21 +146,6 @@ def calibration_blocks(
     return list(blocks.split(CALIBRATION_BATCH_SIZE))
 
 
-def save_model_dir(model, tokenizer, out: Path, extra_files: dict[str, str]) -> None:
-    """save_pretrained into a temporary folder, then rename: the directory is whole or absent."""
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    for name, content in extra_files.items():
-        (tmp / name).write_text(content)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-
-
 def _check_arguments(args, source: Path, out: Path, depth_layers) -> None:
     """Everything that can be checked before a model loads, with the flag named."""
     if not source.is_dir():
@@ -194,22 +163,6 @@ def _check_arguments(args, source: Path, out: Path, depth_layers) -> None:
     ):
         raise RecipeError(
             f"--out {str(out)!r} exists and is not a model directory; refusing to overwrite it"
-        )
-    if args.method in ("magnitude", "wanda") and not 0 < args.sparsity < 1:
-        raise RecipeError(f"--sparsity must be in (0, 1), got {args.sparsity}")
-    if args.method == "nm" and not 0 < args.n < args.m:
-        raise RecipeError(f"N:M sparsity needs 0 < --n < --m, got --n {args.n} --m {args.m}")
-    if args.method == "width":
-        for flag, value in (
-            ("--heads-fraction", args.heads_fraction),
-            ("--mlp-fraction", args.mlp_fraction),
-        ):
-            if not 0 <= value < 1:
-                raise RecipeError(f"{flag} must be in [0, 1), got {value}")
-    if args.method == "depth" and depth_layers is None:
-        raise RecipeError(
-            "--method depth needs --layers: a count to remove (ranked on --calibration text) or "
-            "comma-separated 0-based indices"
         )
     if args.calibration_batches < 1 or args.seq_len < 2:
         raise RecipeError("--calibration-batches must be >= 1 and --seq-len >= 2")
@@ -244,10 +197,21 @@ def _check_seq_len(source: Path, seq_len: int) -> None:
         )
 
 
-def _with_flag_names(message: str) -> str:
-    for name, flag in _FLAG_NAMES.items():
-        message = message.replace(name, flag)
-    return message
+def _spec_fields(args, depth_layers) -> dict:
+    """The prune settings the flags give (each flag is the PruneSpec field of the same name)."""
+    return {
+        "method": args.method,
+        "sparsity": args.sparsity,
+        "scope": args.scope,
+        "n": args.n,
+        "m": args.m,
+        "scoring": args.scoring,
+        "heads_fraction": args.heads_fraction,
+        "head_unit": args.head_unit,
+        "mlp_fraction": args.mlp_fraction,
+        "layers": depth_layers,
+        "calibration_batches": args.calibration_batches,
+    }
 
 
 def _describe(args, depth_layers) -> str:

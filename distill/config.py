@@ -13,22 +13,11 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-LOGIT_LOSS_KINDS = (
-    "forward_kl",
-    "reverse_kl",
-    "jsd",
-    "skew_kl",
-    "skew_reverse_kl",
-    "tv",
-    "logit_mse",
-)
+from distill.specs import LogitTerm, ObjectiveSpec, PruneSpec, QuantSpec, Section
+
 TRAINING_KINDS = ("train", "distill", "qat")
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,40 +149,6 @@ class DataSpec(Section):
 # Objective
 
 
-class LogitTermSpec(Section):
-    kind: Literal[LOGIT_LOSS_KINDS]  # type: ignore[valid-type]
-    """Divergence between teacher and student token distributions."""
-    weight: float = Field(1.0, ge=0)
-    temperature: float = Field(1.0, gt=0)
-    """Softening temperature; the term is scaled by T² so gradient size stays comparable."""
-    beta: float = Field(0.5, ge=0, le=1)
-    """Generalized JSD mixing weight (0 = forward KL, 1 = reverse KL)."""
-    alpha: float = Field(0.1, ge=0, le=1)
-    """Skew KL mixing weight (0 = plain KL)."""
-
-
-class HiddenLossSpec(Section):
-    kind: Literal["mse", "cosine"] = "mse"
-    weight: float = Field(1.0, ge=0)
-    layer_map: Literal["uniform"] | list[tuple[int, int]] = "uniform"
-    """`uniform`, or explicit [student_layer, teacher_layer] pairs (0-based)."""
-    projection: bool = True
-    """Learn a linear map student width -> teacher width when they differ."""
-
-
-class ObjectiveSpec(Section):
-    ce_weight: float = Field(0.5, ge=0)
-    """Weight of next-token cross-entropy on the labels."""
-    terms: list[LogitTermSpec] = [LogitTermSpec(kind="forward_kl", weight=0.5)]
-    """Logit-distillation terms, summed with their weights."""
-    hidden: HiddenLossSpec | None = None
-    """Intermediate-layer loss; off when absent."""
-    chunk_size: int = Field(1024, gt=0)
-    """Tokens per chunk of the memory-efficient loss (memory O(chunk x vocab))."""
-    path: Literal["chunked", "naive"] = "chunked"
-    """`naive` materialises full logits (a reference; slow and memory hungry)."""
-
-
 # ----------------------------------------------------------------------------------------------
 # Training
 
@@ -247,62 +202,6 @@ def _teacher_from_string(value: Any) -> Any:
     return {"model": value} if isinstance(value, str) else value
 
 
-class PruneSpec(Section):
-    method: Literal["magnitude", "wanda", "nm", "width", "depth"]
-    sparsity: float = Field(0.5, gt=0, lt=1)
-    """Target fraction of zero weights (magnitude, wanda)."""
-    scope: Literal["layer", "global"] = "layer"
-    """Rank weights within each matrix or across all prunable matrices (magnitude)."""
-    n: int = Field(2, gt=0)
-    """N of N:M: weights kept per group."""
-    m: int = Field(4, gt=1)
-    """M of N:M: group size."""
-    scoring: Literal["magnitude", "wanda"] = "wanda"
-    """Score used by N:M pruning."""
-    heads_fraction: float = Field(0.25, ge=0, lt=1)
-    """Width: fraction of attention heads removed (of the KV groups, or of each group's queries)."""
-    head_unit: Literal["kv_group", "query_head"] = "kv_group"
-    """Width: remove whole KV groups (a KV head with its query heads), or query heads within every
-    group (grouped-query attention only)."""
-    mlp_fraction: float = Field(0.25, ge=0, lt=1)
-    """Width: fraction of MLP channels removed."""
-    layers: int | list[int] | None = None
-    """Depth: how many layers to remove (ranked), or the explicit 0-based indices."""
-    calibration_batches: int = Field(8, gt=0)
-    """Training batches used to collect activation statistics."""
-
-    @model_validator(mode="after")
-    def _nm(self) -> PruneSpec:
-        if self.n >= self.m:
-            raise ValueError(f"N:M needs n < m; got n={self.n}, m={self.m} (2:4 is the usual)")
-        if self.method == "depth" and self.layers is None:
-            raise ValueError(
-                "`method: depth` needs `layers`: a count to remove or a list of indices"
-            )
-        return self
-
-
-class QuantSpec(Section):
-    bits: int = Field(4, ge=2, le=8)
-    """Weight bits."""
-    group_size: int | None = 32
-    """Weights per scale; null = one scale per output channel."""
-    symmetric: bool = True
-    activations: Literal["int8_dynamic"] | None = None
-    """Also fake-quantize activations per token to int8."""
-    exclude: list[str] = ["lm_head"]
-    """Linear layers (name patterns) left in full precision; embeddings are never quantized."""
-    scale_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    """Dtype the per-group scales are rounded to and stored in."""
-
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, v: int | None) -> int | None:
-        if v is not None and v not in (16, 32, 64, 128, 256):
-            raise ValueError(f"group_size must be one of 16, 32, 64, 128, 256 or null; got {v}")
-        return v
-
-
 class EvalSpec(Section):
     batch_size: int = Field(16, gt=0)
     latency: bool = False
@@ -323,6 +222,14 @@ class StageBase(Section):
     """Overrides the recipe's `eval` for this stage."""
     compare_to: str | None = None
     """An earlier stage to compare with in the report (e.g. the baseline a distilled student beats)."""
+
+    @property
+    def teacher_model(self) -> str | None:
+        """The model this stage learns from (a stage name or `models` key), or None."""
+        teacher = getattr(self, "teacher", None)
+        if teacher is not None:
+            return teacher.model
+        return self.model if self.kind == "qat" else None  # QAT: the full-precision model
 
 
 class TrainingStageBase(StageBase):
@@ -359,7 +266,7 @@ class QatStage(TrainingStageBase):
     teacher: TeacherRef | None = None
     """Full-precision teacher (default: the model this stage starts from)."""
     objective: ObjectiveSpec = ObjectiveSpec(
-        ce_weight=0.0, terms=[LogitTermSpec(kind="forward_kl", weight=1.0)]
+        ce_weight=0.0, terms=[LogitTerm(kind="forward_kl", weight=1.0)]
     )
     fake_quant_after: int = Field(0, ge=0)
     """Train this many steps in full precision before fake quantization starts."""

@@ -6,7 +6,9 @@ of a multi-process run exits with the documented code.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 EXIT_OK = 0
 EXIT_DIVERGED = 1  # training stopped after too many non-finite steps
@@ -27,19 +29,33 @@ class RecipeError(DistillError, ValueError):
 
 
 class SettingError(RecipeError):
-    """A bad value of one named setting, found by a library function that takes a spec.
+    """A bad value of named settings, found where a spec is used (a library function or the spec's
+    own validation).
 
-    The message holds `{key}` where the setting's name goes, so the caller names it the way the
-    user wrote it: `prune.heads_fraction` in a recipe, `--heads-fraction` on the command line.
+    The message is a template: `{key}` stands for a setting's name and `{key=}` for its name and
+    value, so each caller names the settings the way its user wrote them (`prune.heads_fraction=0.9`
+    in a recipe, `--heads-fraction=0.9` on the command line, `heads_fraction=0.9` in Python).
     """
 
-    def __init__(self, key: str, template: str):
-        super().__init__(template.format(key=key))
-        self.key, self.template = key, template
+    def __init__(self, template: str, **values: Any):
+        self.template, self.values = template, values
+        super().__init__(self.render(lambda key: key))
 
-    def named(self, name_of) -> RecipeError:
-        """The same error with the setting named by `name_of(key)`."""
-        return RecipeError(self.template.format(key=name_of(self.key)))
+    def render(self, name_of: Callable[[str], str]) -> str:
+        text = self.template
+        for key, value in self.values.items():
+            text = text.replace("{" + key + "=}", f"{name_of(key)}={value}")
+            text = text.replace("{" + key + "}", name_of(key))
+        return text
+
+    def named(self, name_of: Callable[[str], str], prefix: str = "") -> RecipeError:
+        """The same error as a RecipeError, with each setting named by `name_of(key)`."""
+        return RecipeError(prefix + self.render(name_of))
+
+
+def as_flag(key: str) -> str:
+    """A spec field's command-line flag: `heads_fraction` -> `--heads-fraction`."""
+    return "--" + key.replace("_", "-")
 
 
 class LaunchError(RecipeError):

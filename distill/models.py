@@ -5,6 +5,8 @@ length the model supports."""
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,7 +30,8 @@ def build_model(spec: ModelSpec, tokenizer, seed: int, what: str):
     if spec.config is not None:
         fields = dict(spec.config)
         model_type = fields.pop("model_type")
-        fields.setdefault("vocab_size", len(tokenizer))
+        if "vocab_size" not in fields:
+            fields["vocab_size"] = len(tokenizer)
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             fields.setdefault(key, getattr(tokenizer, key, None))
         try:
@@ -243,3 +246,29 @@ def full_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def is_partitioned(module: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def write_model_dir(out: Path, write: Callable[[Path], None]) -> None:
+    """Write a model directory atomically: `write(tmp)` fills a temporary sibling folder, which
+    then replaces `out`, so a model dir is whole or absent (never half-written)."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def save_model_dir(model, tokenizer, out: Path, extra_files: dict[str, str] | None = None) -> None:
+    """`save_pretrained` of the model and tokenizer (plus small text files), atomically."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_text(content)
+
+    write_model_dir(out, write)

@@ -10,6 +10,7 @@ import glob
 import os
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Union
 
@@ -17,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from distill.config import TRAINING_KINDS, Recipe
-from distill.errors import RecipeError
+from distill.errors import RecipeError, SettingError
 
 
 def load_recipe(
@@ -266,3 +267,20 @@ def check_paths(recipe: Recipe) -> None:
 
 def recipe_to_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def build_spec(cls: type[BaseModel], fields: dict, name_of: Callable[[str], str]):
+    """`cls(**fields)`, with a validation error turned into one RecipeError that names each bad
+    setting by `name_of(field)` (a command-line flag, say), not by its recipe key."""
+    try:
+        return cls(**fields)
+    except ValidationError as err:
+        problems = []
+        for error in err.errors():
+            cause = (error.get("ctx") or {}).get("error")
+            if isinstance(cause, SettingError):
+                problems.append(cause.render(name_of))
+            else:
+                where = ", ".join(name_of(str(part)) for part in error["loc"][:1])
+                problems.append(f"{where}: {error['msg']} (got {_short(error.get('input'))})")
+        raise RecipeError("; ".join(problems)) from None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import secrets
 import string
 import sys
@@ -103,7 +102,3 @@ def _plain(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
-
-
-def wandb_env_mode() -> str | None:
-    return os.environ.get("WANDB_MODE")

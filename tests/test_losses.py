@@ -20,9 +20,7 @@ from distill.objective.hidden import (
     uniform_layer_map,
 )
 from distill.objective.losses import (
-    LOGIT_LOSS_KINDS,
     LOGIT_LOSSES,
-    LogitTerm,
     forward_kl,
     jsd,
     naive_logit_objective,
@@ -30,6 +28,7 @@ from distill.objective.losses import (
     skew_kl,
     skew_reverse_kl,
 )
+from distill.specs import LOGIT_LOSS_KINDS, LogitTerm
 
 DIVERGENCE_KINDS = tuple(kind for kind in LOGIT_LOSS_KINDS if kind != "logit_mse")
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}

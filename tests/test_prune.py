@@ -17,13 +17,19 @@ from transformers import (
 )
 
 from distill.compress.prune import (
-    PRUNE_METHODS,
     apply_masks,
-    count_parameters,
     masks_from_zeros,
     prune_model,
     sparsity_of,
 )
+from distill.models import count_params as count_parameters
+from distill.specs import PRUNE_METHODS, PruneSpec
+
+
+def prune(model, method, calibration=None, exclude=("lm_head",), **settings):
+    """prune_model with the settings of a `prune` section (PruneSpec)."""
+    return prune_model(model, PruneSpec(method=method, **settings), calibration, exclude)
+
 
 VOCAB = 256
 SIZES = dict(
@@ -103,7 +109,7 @@ def reload(model: nn.Module, tmp_path) -> nn.Module:
 def test_magnitude_per_layer_prunes_exact_share_of_each_matrix():
     model = tiny_llama().train()
     embeddings = model.model.embed_tokens.weight.clone()
-    result = prune_model(model, "magnitude", sparsity=0.3)
+    result = prune(model, "magnitude", sparsity=0.3)
 
     for weight in linears(model).values():
         assert int((weight == 0).sum()) == round(0.3 * weight.numel())
@@ -121,7 +127,7 @@ def test_magnitude_global_uses_one_threshold_across_layers():
     with torch.no_grad():
         original.model.layers[0].mlp.up_proj.weight.mul_(3)  # one layer of larger weights
     model = copy.deepcopy(original)
-    result = prune_model(model, "magnitude", sparsity=0.6, scope="global")
+    result = prune(model, "magnitude", sparsity=0.6, scope="global")
 
     before, after = linears(original), linears(model)
     total = sum(w.numel() for w in after.values())
@@ -142,7 +148,7 @@ def test_wanda_prunes_each_row_by_weight_times_input_norm():
         ]
     input_norm = torch.cat([x.reshape(-1, 64) for x in inputs]).norm(dim=0)
     expected_scores = q_proj.weight.detach().abs() * input_norm
-    result = prune_model(model, "wanda", sparsity=0.5, calibration=batches)
+    result = prune(model, "wanda", sparsity=0.5, calibration=batches)
 
     for weight in linears(model).values():
         assert ((weight == 0).sum(dim=1) == round(0.5 * weight.shape[1])).all()
@@ -159,8 +165,8 @@ def test_wanda_keeps_a_small_weight_column_with_huge_activations():
     with torch.no_grad():
         layer.input_layernorm.weight[column] = 1000.0  # column 5 of q/k/v inputs gets huge
         layer.self_attn.q_proj.weight[:, column] = 0.01  # while its weights get small
-    by_magnitude = prune_model(copy.deepcopy(model), "magnitude", sparsity=0.5)
-    by_wanda = prune_model(model, "wanda", sparsity=0.5, calibration=calibration())
+    by_magnitude = prune(copy.deepcopy(model), "magnitude", sparsity=0.5)
+    by_wanda = prune(model, "wanda", sparsity=0.5, calibration=calibration())
 
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not by_magnitude.masks[name][:, column].any()
@@ -171,7 +177,7 @@ def test_wanda_keeps_a_small_weight_column_with_huge_activations():
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 8)])
 def test_nm_keeps_n_in_every_group_of_m(scoring, n, m):
     model = tiny_llama()
-    result = prune_model(model, "nm", n=n, m=m, scoring=scoring, calibration=calibration())
+    result = prune(model, "nm", n=n, m=m, scoring=scoring, calibration=calibration())
 
     for weight in linears(model).values():
         nonzero_per_group = (weight != 0).view(weight.shape[0], -1, m).sum(-1)
@@ -199,7 +205,7 @@ def perturb_all(model: nn.Module) -> None:
 
 def test_apply_masks_restores_zeros_after_an_optimizer_step():
     model = tiny_llama()
-    masks = prune_model(model, "wanda", sparsity=0.5, calibration=calibration()).masks
+    masks = prune(model, "wanda", sparsity=0.5, calibration=calibration()).masks
     perturb_all(model)
     stepped = {name: w.clone() for name, w in linears(model).items()}
     apply_masks(model, masks)
@@ -213,7 +219,7 @@ def test_apply_masks_restores_zeros_after_an_optimizer_step():
 
 def test_apply_masks_handles_a_wrapper_prefix_either_way():
     model = tiny_llama()
-    masks = prune_model(model, "magnitude", sparsity=0.5).masks
+    masks = prune(model, "magnitude", sparsity=0.5).masks
     wrapped = Wrapper(model)
     perturb_all(model)
     apply_masks(wrapped, masks)  # plain names, wrapped model
@@ -229,7 +235,7 @@ def test_apply_masks_handles_a_wrapper_prefix_either_way():
 
 def test_masks_from_zeros_recovers_masks_of_a_saved_model(tmp_path):
     model = tiny_llama()
-    result = prune_model(model, "nm", scoring="magnitude")
+    result = prune(model, "nm", scoring="magnitude")
     loaded = reload(model, tmp_path)
 
     assert sparsity_of(loaded) == result.sparsity == 0.5
@@ -272,11 +278,11 @@ def zero_removed_heads(model: nn.Module, kept_kv_heads: list[list[int]]) -> None
 def test_width_heads_equal_zeroing_those_heads(make, fraction):
     original = make()
     model = copy.deepcopy(original)
-    result = prune_model(
+    result = prune(
         model,
         "width",
-        width_heads_fraction=fraction,
-        width_mlp_fraction=0,
+        heads_fraction=fraction,
+        mlp_fraction=0,
         calibration=calibration(),
     )
 
@@ -295,12 +301,12 @@ def test_width_heads_equal_zeroing_those_heads(make, fraction):
 def test_width_query_heads_within_groups_equal_zeroing_those_heads(name, tmp_path):
     original = MODELS[name]()  # 4 query heads in 2 key-value groups
     model = copy.deepcopy(original)
-    result = prune_model(
+    result = prune(
         model,
         "width",
-        width_heads_fraction=0.5,
-        width_mlp_fraction=0,
-        width_head_unit="query_head",
+        heads_fraction=0.5,
+        mlp_fraction=0,
+        head_unit="query_head",
         calibration=calibration(),
     )
 
@@ -328,9 +334,7 @@ def test_width_query_heads_within_groups_equal_zeroing_those_heads(name, tmp_pat
 def test_width_mlp_channels_equal_zeroing_down_proj_columns():
     original = tiny_llama()
     model = copy.deepcopy(original)
-    result = prune_model(
-        model, "width", width_heads_fraction=0, width_mlp_fraction=0.25, calibration=calibration()
-    )
+    result = prune(model, "width", heads_fraction=0, mlp_fraction=0.25, calibration=calibration())
 
     reference = copy.deepcopy(original)
     with torch.no_grad():
@@ -347,7 +351,7 @@ def test_width_mlp_channels_equal_zeroing_down_proj_columns():
 def test_width_pruned_model_reloads_smaller_and_generates(name, tmp_path):
     model = MODELS[name]().train()
     shared_config = model.config
-    result = prune_model(model, "width", calibration=calibration())  # 1 of 2 groups, 25 % channels
+    result = prune(model, "width", calibration=calibration())  # 1 of 2 groups, 25 % channels
 
     assert model.training
     assert shared_config.num_attention_heads == 4  # a config shared with other models is untouched
@@ -383,7 +387,7 @@ def skipping(original: nn.Module, removed: list[int]) -> nn.Module:
 def test_depth_explicit_layers_equal_skipping_them():
     original = tiny_llama()
     model = copy.deepcopy(original)
-    result = prune_model(model, "depth", depth_layers=[2, 1])
+    result = prune(model, "depth", layers=[2, 1])
 
     assert result.details["removed_layers"] == [1, 2]
     assert model.config.num_hidden_layers == len(model.model.layers) == 2
@@ -394,7 +398,7 @@ def test_depth_explicit_layers_equal_skipping_them():
 def test_depth_by_rank_removes_the_layers_that_change_hidden_states_least():
     original = tiny_llama()
     model = copy.deepcopy(original)
-    result = prune_model(model, "depth", depth_layers=2, calibration=calibration())
+    result = prune(model, "depth", layers=2, calibration=calibration())
 
     cosine = torch.tensor(result.details["input_output_cosine"])
     assert result.details["removed_layers"] == sorted(cosine.argsort(descending=True)[:2].tolist())
@@ -406,7 +410,7 @@ def test_depth_keeps_kv_cache_and_layer_types_consistent(tmp_path):
     original = tiny_qwen2()
     model = copy.deepcopy(original)
     assert original.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
-    prune_model(model, "depth", depth_layers=[0])
+    prune(model, "depth", layers=[0])
 
     assert model.config.layer_types == ["full_attention"] + ["sliding_attention"] * 2
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2]
@@ -436,30 +440,30 @@ BAD_ARGUMENTS = [
     ("wanda", {}, "wanda with Wanda scoring needs calibration data"),
     ("nm", {}, "nm with Wanda scoring needs calibration data"),
     ("width", {}, "width pruning needs calibration data"),
-    ("depth", dict(depth_layers=1), "depth_layers as a count) needs calibration data"),
+    ("depth", dict(layers=1), "layers as a count) needs calibration data"),
     ("wanda", dict(calibration=[torch.rand(2, 16)]), "calibration[0] must be an integer tensor"),
-    ("width", dict(width_heads_fraction=1.0), "width_heads_fraction must be in [0, 1), got 1.0"),
-    ("width", dict(width_heads_fraction=0.8), "removes 2 of 2 key-value head groups, leaving none"),
-    ("width", dict(width_mlp_fraction=0.999), "removes 128 of 128 MLP channels, leaving none"),
-    ("width", dict(width_heads_fraction=0, width_mlp_fraction=0), "removes nothing"),
-    ("width", dict(width_head_unit="head"), "unknown width_head_unit 'head'; allowed: kv_group"),
+    ("width", dict(heads_fraction=1.0), "heads_fraction must be in [0, 1), got 1.0"),
+    ("width", dict(heads_fraction=0.8), "removes 2 of 2 key-value head groups, leaving none"),
+    ("width", dict(mlp_fraction=0.999), "removes 128 of 128 MLP channels, leaving none"),
+    ("width", dict(heads_fraction=0, mlp_fraction=0), "removes nothing"),
+    ("width", dict(head_unit="head"), "unknown head_unit 'head'; allowed: kv_group"),
     (
         "width",
-        dict(width_head_unit="query_head", width_heads_fraction=0.9),
+        dict(head_unit="query_head", heads_fraction=0.9),
         "removes 2 of 2 query heads of each group, leaving none",
     ),
-    ("depth", dict(depth_layers=4), "depth_layers=4 must remove at least 1 and fewer than all 4"),
-    ("depth", dict(depth_layers=0), "depth_layers=0 must remove at least 1"),
+    ("depth", dict(layers=4), "layers=4 must remove at least 1 and fewer than all 4"),
+    ("depth", dict(layers=0), "layers=0 must remove at least 1"),
     (
         "depth",
-        dict(depth_layers=[0, 4]),
-        "depth_layers [4] out of range: the model has layers 0..3",
+        dict(layers=[0, 4]),
+        "layers [4] out of range: the model has layers 0..3",
     ),
-    ("depth", dict(depth_layers=[-1]), "depth_layers [-1] out of range"),
-    ("depth", dict(depth_layers=[1, 1]), "depth_layers [1, 1] repeats an index"),
-    ("depth", dict(depth_layers=[0, 1, 2, 3]), "fewer than all 4 layers, got [0, 1, 2, 3]"),
-    ("depth", dict(depth_layers=[0.5]), "depth_layers must hold integer layer indices"),
-    ("depth", {}, "depth pruning needs depth_layers"),
+    ("depth", dict(layers=[-1]), "layers [-1] out of range"),
+    ("depth", dict(layers=[1, 1]), "layers [1, 1] repeats an index"),
+    ("depth", dict(layers=[0, 1, 2, 3]), "fewer than all 4 layers, got [0, 1, 2, 3]"),
+    ("depth", dict(layers=[0.5]), "layers must hold integer layer indices"),
+    ("depth", {}, "depth pruning needs layers"),
 ]
 
 
@@ -468,23 +472,23 @@ def test_bad_arguments_fail_before_touching_the_model(method, kwargs, message):
     model = tiny_llama()
     state = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=re.escape(message)):
-        prune_model(model, method, **kwargs)
+        prune(model, method, **kwargs)
     assert all(torch.equal(value, state[name]) for name, value in model.state_dict().items())
 
 
 def test_width_rejects_head_counts_the_config_class_rejects():
     model = tiny_llama(num_key_value_heads=4)  # removing 1 of 4 heads leaves 3; 64 % 3 != 0
     with pytest.raises(ValueError, match=re.escape("accepts: 0.5 (2 groups), 0.75 (3 groups)")):
-        prune_model(model, "width", width_heads_fraction=0.25, calibration=CALIBRATION)
+        prune(model, "width", heads_fraction=0.25, calibration=CALIBRATION)
 
 
 def test_width_query_heads_need_grouped_query_attention():
     model = tiny_llama(num_key_value_heads=4)
     with pytest.raises(ValueError, match="one query head per key-value head .*use 'kv_group'"):
-        prune_model(model, "width", width_head_unit="query_head", calibration=CALIBRATION)
+        prune(model, "width", head_unit="query_head", calibration=CALIBRATION)
 
 
 def test_unsupported_architecture_names_its_model_type():
     config = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=VOCAB, n_positions=32)
     with pytest.raises(ValueError, match="model_type 'gpt2'"):
-        prune_model(GPT2LMHeadModel(config), "magnitude")
+        prune(GPT2LMHeadModel(config), "magnitude")

@@ -291,11 +291,11 @@ def cli_error(capsys, *argv: str) -> str:
     [
         (["--method", "magnitude", "--sparsity", "1.5"], "--sparsity must be in (0, 1), got 1.5"),
         (["--method", "wanda", "--sparsity", "0"], "--sparsity must be in (0, 1), got 0.0"),
-        (["--method", "nm", "--n", "4", "--m", "4"], "needs 0 < --n < --m, got --n 4 --m 4"),
+        (["--method", "nm", "--n", "4", "--m", "4"], "needs 0 < --n < --m, got --n=4, --m=4"),
         (["--method", "width", "--heads-fraction", "1"], "--heads-fraction must be in [0, 1)"),
         (["--method", "wanda"], "--method wanda needs --calibration FILE"),
         (["--method", "nm"], "or use --scoring magnitude"),
-        (["--method", "depth"], "--method depth needs --layers"),
+        (["--method", "depth"], "depth pruning needs --layers"),
         (["--method", "depth", "--layers", "1"], "--method depth needs --calibration"),
         (["--method", "depth", "--layers", "x"], "--layers 'x': give a count"),
         (

@@ -95,7 +95,8 @@ def test_summary_has_perplexity_scheme_and_size_for_every_stage(run):
 def test_ptq_and_qat_metrics_are_fake_quantized_evals_of_the_exported_weights(run):
     from transformers import AutoModelForCausalLM
 
-    from distill.compress.fake_quant import QuantScheme, prepare_qat
+    from distill.compress.fake_quant import prepare_qat
+    from distill.specs import QuantSpec
 
     out, stages = run
     for name, source in (("ptq", "fp"), ("qat", "qat")):
@@ -105,7 +106,7 @@ def test_ptq_and_qat_metrics_are_fake_quantized_evals_of_the_exported_weights(ru
         if name == "ptq":  # ptq exports the float weights it was given, and measures them too
             fp = heldout(model, out)
             assert fp == pytest.approx(stages["ptq"]["perplexity_before"], rel=1e-6)
-        prepare_qat(model, QuantScheme(bits=4, group_size=32))
+        prepare_qat(model, QuantSpec(bits=4, group_size=32))
         assert heldout(model, out) == pytest.approx(stages[name]["eval"]["perplexity"], rel=1e-6)
     assert stages["ptq"]["eval"]["perplexity"] != stages["ptq"]["perplexity_before"]
 

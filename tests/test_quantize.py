@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from distill.compress.fake_quant import (
     FakeQuantLinear,
-    QuantScheme,
     dequantize_weight,
     fake_quantize_activation,
     fake_quantize_weight,
@@ -33,6 +32,7 @@ from distill.compress.packed import (
     unpack_codes,
 )
 from distill.runtime.evaluate import generate_latency_s
+from distill.specs import QuantSpec
 
 
 def tiny_llama(seed=0, tie=False, dtype=torch.float32, hidden=64):
@@ -74,7 +74,7 @@ def random_weight(out_features=8, in_features=64, dtype=torch.float32, seed=0):
     "bits,group_size,symmetric", list(itertools.product((2, 3, 4, 8), (None, 32), (True, False)))
 )
 def test_fake_quant_is_dequantized_codes_on_the_grid(bits, group_size, symmetric):
-    scheme = QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric)
+    scheme = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric)
     w = random_weight()
     q, scale, zero_point = quantize_weight(w, scheme)
     assert q.dtype == torch.int8 and q.shape == w.shape
@@ -110,7 +110,7 @@ def test_rounding_is_torchao_bit_for_bit(scheme_name, dtype):
     pytest.importorskip("torchao")
     from torchao.quantization import quantize_
 
-    scheme = QuantScheme.parse(scheme_name)
+    scheme = QuantSpec.parse(scheme_name)
     linear = nn.Linear(64, 16).to(dtype)
     with torch.no_grad():
         linear.weight.copy_(random_weight(16, 64, dtype))
@@ -136,7 +136,7 @@ def test_torchao_qat_fake_quant_agrees_for_symmetric_schemes(scheme_name):
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
 
-    scheme = QuantScheme.parse(scheme_name)
+    scheme = QuantSpec.parse(scheme_name)
     config = IntxFakeQuantizeConfig(
         getattr(torch, f"int{scheme.bits}"),
         PerGroup(scheme.group_size) if scheme.group_size else PerAxis(0),
@@ -153,7 +153,7 @@ def test_torchao_qat_fake_quant_agrees_for_symmetric_schemes(scheme_name):
 
 
 def test_straight_through_gradient_is_identity_including_the_clamped_top():
-    scheme = QuantScheme(bits=4, group_size=32)
+    scheme = QuantSpec(bits=4, group_size=32)
     w = random_weight(4, 64)
     with torch.no_grad():
         w[0, 5] = w[0, :32].abs().max() * 1.5  # the group's absmax, positive: clamped to code 7
@@ -184,7 +184,7 @@ def test_activation_fake_quant_is_per_token_int8():
 
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_pack_unpack_roundtrip(bits):
-    scheme = QuantScheme(bits=bits)
+    scheme = QuantSpec(bits=bits)
     q = torch.randint(scheme.qmin, scheme.qmax + 1, (7, 13), dtype=torch.int8)
     packed = pack_codes(q, bits)
     assert packed.dtype == torch.uint8 and packed.numel() == (q.numel() * bits + 7) // 8
@@ -200,16 +200,16 @@ def test_int4_nibble_layout():
 
 
 def test_scheme_names_and_parse():
-    assert QuantScheme().name() == "int4-g32-sym"
-    assert QuantScheme(bits=8, group_size=None).name() == "int8-pc-sym"
-    assert QuantScheme(activations="int8_dynamic").name() == "int4-g32-sym+a8"
+    assert QuantSpec().name() == "int4-g32-sym"
+    assert QuantSpec(bits=8, group_size=None).name() == "int8-pc-sym"
+    assert QuantSpec(activations="int8_dynamic").name() == "int4-g32-sym+a8"
     for scheme in (
-        QuantScheme(bits=3, group_size=64, symmetric=False),
-        QuantScheme(bits=8, group_size=None, activations="int8_dynamic"),
+        QuantSpec(bits=3, group_size=64, symmetric=False),
+        QuantSpec(bits=8, group_size=None, activations="int8_dynamic"),
     ):
-        assert QuantScheme.parse(scheme.name()) == scheme
-    assert QuantScheme(exclude=["lm_head", "*.down_proj"]).exclude == ("lm_head", "*.down_proj")
-    assert QuantScheme.from_dict(QuantScheme(exclude=("x",)).to_dict()) == QuantScheme(
+        assert QuantSpec.parse(scheme.name()) == scheme
+    assert QuantSpec(exclude=["lm_head", "*.down_proj"]).exclude == ("lm_head", "*.down_proj")
+    assert QuantSpec.model_validate(QuantSpec(exclude=("x",)).model_dump(mode="json")) == QuantSpec(
         exclude=("x",)
     )
 
@@ -226,26 +226,26 @@ def test_scheme_names_and_parse():
 )
 def test_bad_scheme_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        QuantScheme(**kwargs)
+        QuantSpec(**kwargs)
 
 
 def test_bad_scheme_text_and_group_size_not_dividing():
     with pytest.raises(ValueError, match="int4-g32-sym"):
-        QuantScheme.parse("int4-group32")
+        QuantSpec.parse("int4-group32")
     model = tiny_llama(hidden=64)  # in_features 64 (attention, up/gate) and 128 (down_proj)
     before = {name: type(m) for name, m in model.named_modules()}
     with pytest.raises(
-        ValueError, match=r"group_size 48 does not divide in_features 64 \(.*q_proj"
+        ValueError, match=r"group_size 256 does not divide in_features 64 \(.*q_proj"
     ):
-        prepare_qat(model, QuantScheme(group_size=48))
+        prepare_qat(model, QuantSpec(group_size=256))
     message = (
         r"in_features 64 \(model.layers.0.self_attn.q_proj and 11 more\); .* \(8, 16, 32, 64\)"
     )
     with pytest.raises(ValueError, match=message):
-        prepare_qat(model, QuantScheme(group_size=128))
+        prepare_qat(model, QuantSpec(group_size=128))
     assert {name: type(m) for name, m in model.named_modules()} == before  # nothing swapped
     with pytest.raises(ValueError, match="does not divide"):
-        quantize_weight(torch.randn(4, 64), QuantScheme(group_size=128))
+        quantize_weight(torch.randn(4, 64), QuantSpec(group_size=128))
 
 
 # --- QAT preparation -----------------------------------------------------------------------------
@@ -257,7 +257,7 @@ def test_prepare_qat_keeps_parameters_and_excludes_lm_head_and_embeddings(ids):
     parameters = dict(model.named_parameters())
     reference = logits(model, ids)
 
-    names = prepare_qat(model, QuantScheme())
+    names = prepare_qat(model, QuantSpec())
     assert len(names) == 2 * 7 and all("layers." in name for name in names)
     assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
     assert list(model.state_dict()) == keys
@@ -284,15 +284,15 @@ def test_prepare_qat_keeps_parameters_and_excludes_lm_head_and_embeddings(ids):
 
 def test_exclude_patterns_and_tied_lm_head():
     model = tiny_llama(tie=True)
-    names = prepare_qat(model, QuantScheme(exclude=("*.mlp.down_proj", "layers.0.self_attn")))
+    names = prepare_qat(model, QuantSpec(exclude=("*.mlp.down_proj", "layers.0.self_attn")))
     assert not any(name.endswith("down_proj") or "layers.0.self_attn" in name for name in names)
     assert len(names) == 2 * 7 - 2 - 4
     remove_fake_quant(model)
     # With nothing excluded a tied lm_head is still left alone: it is the embedding.
-    names = prepare_qat(model, QuantScheme(exclude=()))
+    names = prepare_qat(model, QuantSpec(exclude=()))
     assert "lm_head" not in names and type(model.lm_head) is nn.Linear
     with pytest.raises(ValueError, match="already prepared"):
-        prepare_qat(model, QuantScheme())
+        prepare_qat(model, QuantSpec())
 
 
 def test_errors_for_out_of_order_calls(tmp_path):
@@ -300,10 +300,10 @@ def test_errors_for_out_of_order_calls(tmp_path):
     with pytest.raises(ValueError, match="prepare_qat"):
         set_fake_quant_enabled(model, True)
     with pytest.raises(ValueError, match="convert_model"):
-        save_quantized(model, None, tmp_path, QuantScheme())
-    prepare_qat(model, QuantScheme(bits=4))
+        save_quantized(model, None, tmp_path, QuantSpec())
+    prepare_qat(model, QuantSpec(bits=4))
     with pytest.raises(ValueError, match="prepared for QAT with int4-g32-sym"):
-        convert_model(model, QuantScheme(bits=3))
+        convert_model(model, QuantSpec(bits=3))
     with pytest.raises(FileNotFoundError, match="from_pretrained"):
         load_quantized(tmp_path)
 
@@ -321,7 +321,7 @@ def test_errors_for_out_of_order_calls(tmp_path):
     ],
 )
 def test_converted_equals_fake_quant_and_reloads(tmp_path, ids, scheme_name, dtype, via_remove):
-    scheme = QuantScheme.parse(scheme_name)
+    scheme = QuantSpec.parse(scheme_name)
     model = tiny_llama(dtype=dtype, tie=dtype == torch.bfloat16)
     names = prepare_qat(model, scheme)
     fake_logits = logits(model, ids)
@@ -363,7 +363,7 @@ def test_converted_equals_fake_quant_and_reloads(tmp_path, ids, scheme_name, dty
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_kernels_match_reference_path(scheme_name, kernel, dtype):
-    scheme = QuantScheme.parse(scheme_name)
+    scheme = QuantSpec.parse(scheme_name)
     linear = nn.Linear(128, 48).to(dtype)
     with torch.no_grad():
         linear.weight.copy_(random_weight(48, 128, dtype))
@@ -380,7 +380,7 @@ def test_cpu_kernels_match_reference_path(scheme_name, kernel, dtype):
     )
     # No kernel where it cannot serve: 3 bits, int8 groups, +a8, out_features % 16 != 0.
     for other in ("int3-g32-sym", "int8-g32-sym", "int4-g32-sym+a8"):
-        assert QuantizedLinear(128, 48, QuantScheme.parse(other)).kernel is None
+        assert QuantizedLinear(128, 48, QuantSpec.parse(other)).kernel is None
     assert QuantizedLinear(128, 40, scheme).kernel is (None if kernel == "int4pack" else kernel)
 
 
@@ -395,7 +395,7 @@ def quantized_linear_bytes(path, names):
 
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_int4_linear_bytes_under_0_3x_bf16(tmp_path, symmetric):
-    scheme = QuantScheme(bits=4, group_size=32, symmetric=symmetric)
+    scheme = QuantSpec(bits=4, group_size=32, symmetric=symmetric)
     model = tiny_llama(dtype=torch.bfloat16, hidden=128)
     bf16_bytes = {
         name: module.weight.nbytes
@@ -417,6 +417,6 @@ def test_int4_linear_bytes_under_0_3x_bf16(tmp_path, symmetric):
 
 def test_generate_latency_s(ids):
     model = tiny_llama()
-    convert_model(model, QuantScheme())
+    convert_model(model, QuantSpec())
     latency_s = generate_latency_s(model, ids[0, :4], new_tokens=4)
     assert isinstance(latency_s, float) and latency_s > 0

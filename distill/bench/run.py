@@ -53,6 +53,7 @@ from distill.bench.step import (
 from distill.config import Recipe
 from distill.errors import RecipeError
 from distill.recipe_file import load_recipe
+from distill.runtime.distributed import make_accelerator
 
 PATHS = ("chunked", "naive")
 
@@ -99,6 +100,7 @@ def bench_path(
     steps: int,
     warmup: int,
     notes: list[str],
+    acc,
 ) -> tuple[PathResult, StepShapes]:
     """Build fresh models (same seed), warm up, time `steps` steps, then measure memory.
 
@@ -114,7 +116,7 @@ def bench_path(
         for index in range(warmup + steps):
             _sync(device)
             t0 = time.perf_counter()
-            step_losses.append(run_train_step(step))
+            step_losses.append(run_train_step(step, acc))
             _sync(device)
             if index >= warmup:
                 times.append(time.perf_counter() - t0)
@@ -123,7 +125,7 @@ def bench_path(
     else:  # one more step with its tensors tracked, on top of weights and optimizer state
         held = tensor_bytes(step.module, step.teacher, step.optimizer, *step.batches)
         with PeakMemory(device, base_bytes=held) as cpu_peak:
-            run_train_step(step)
+            run_train_step(step, acc)
         peak_bytes = cpu_peak.peak_bytes
     loss_peak = loss_only_peak_bytes(step, device)
     del step
@@ -176,7 +178,6 @@ def run_bench(
     log=print,
 ) -> dict:
     """Measure every path of one training stage; returns the JSON-ready results."""
-    import transformers
 
     device = device or bench_device()
     stage = pick_stage(recipe, stage_name)
@@ -195,10 +196,11 @@ def run_bench(
     measured_peak, matmul_n = measure_matmul_peak(device, matmul_dtype)
     spec_peak = spec_peak_flops(device, spec.precision)
 
+    acc = make_accelerator(spec.grad_accum)  # the loop's step runs under an accelerator
     results: dict[str, PathResult] = {}
     for path in paths:
         log(f"path {path}: {warmup} warm-up + {steps} measured steps of {tokens:,} tokens...")
-        results[path], shapes = bench_path(recipe, stage, path, device, steps, warmup, notes)
+        results[path], shapes = bench_path(recipe, stage, path, device, steps, warmup, notes, acc)
     student_shape, teacher_shape = shapes.student, shapes.teacher
 
     # The FLOP model (the same models for every path).
@@ -210,8 +212,40 @@ def run_bench(
         result.mfu = step_flops / seconds / measured_peak if measured_peak else None
         result.mfu_spec = step_flops / seconds / spec_peak if spec_peak else None
 
+    out = _results_json(recipe, stage, device, shapes, steps, warmup, results, notes)
+    out["flops"] = {
+        "student_per_token": flops_student,
+        "teacher_per_token": flops_teacher,
+        "per_token": flops_student + flops_teacher,
+        "per_step": step_flops,
+    }
+    out["peak_flops"] = {
+        "measured": measured_peak,
+        "measured_with": f"{matmul_n}x{matmul_n}x{matmul_n} {matmul_dtype} matmul",
+        "spec": spec_peak,
+    }
+    out["floor"] = {
+        "ms_per_step": step_flops / measured_peak * 1e3,
+        "tokens_per_s": tokens / (step_flops / measured_peak),
+    }
+    if "chunked" in results and "naive" in results:
+        chunked, naive = results["chunked"], results["naive"]
+        out["ratios_chunked_to_naive"] = {
+            "tokens_per_s": chunked.tokens_per_s / naive.tokens_per_s,
+            "peak_memory": chunked.peak_memory_bytes / naive.peak_memory_bytes,
+            "loss_peak_memory": chunked.loss_peak_memory_bytes
+            / max(naive.loss_peak_memory_bytes, 1),
+        }
+    return out
+
+
+def _results_json(recipe, stage, device, shapes, steps, warmup, results, notes) -> dict:
+    """What was measured and where, as JSON (the FLOP figures are added by the caller)."""
+    import transformers
+
+    spec, seq_len = stage.train, recipe.data.seq_len
     objective = getattr(stage, "objective", None)
-    out = {
+    return {
         "recipe": recipe.name,
         "stage": stage.name,
         "stage_kind": stage.kind,
@@ -225,27 +259,12 @@ def run_bench(
             "batch_size": spec.batch_size,
             "seq_len": seq_len,
             "grad_accum": spec.grad_accum,
-            "tokens_per_step": tokens,
+            "tokens_per_step": seq_len * spec.batch_size * spec.grad_accum,
             "vocab_size": shapes.vocab_size,
             "precision": spec.precision,
             "chunk_size": objective.chunk_size if objective is not None else None,
-            "student": asdict(student_shape),
-            "teacher": asdict(teacher_shape) if teacher_shape else None,
-        },
-        "flops": {
-            "student_per_token": flops_student,
-            "teacher_per_token": flops_teacher,
-            "per_token": flops_student + flops_teacher,
-            "per_step": step_flops,
-        },
-        "peak_flops": {
-            "measured": measured_peak,
-            "measured_with": f"{matmul_n}x{matmul_n}x{matmul_n} {matmul_dtype} matmul",
-            "spec": spec_peak,
-        },
-        "floor": {
-            "ms_per_step": step_flops / measured_peak * 1e3,
-            "tokens_per_s": tokens / (step_flops / measured_peak),
+            "student": asdict(shapes.student),
+            "teacher": asdict(shapes.teacher) if shapes.teacher else None,
         },
         "steps": steps,
         "warmup": warmup,
@@ -258,15 +277,6 @@ def run_bench(
         "paths": {path: asdict(result) for path, result in results.items()},
         "notes": sorted(set(notes)),
     }
-    if "chunked" in results and "naive" in results:
-        chunked, naive = results["chunked"], results["naive"]
-        out["ratios_chunked_to_naive"] = {
-            "tokens_per_s": chunked.tokens_per_s / naive.tokens_per_s,
-            "peak_memory": chunked.peak_memory_bytes / naive.peak_memory_bytes,
-            "loss_peak_memory": chunked.loss_peak_memory_bytes
-            / max(naive.loss_peak_memory_bytes, 1),
-        }
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

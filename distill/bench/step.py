@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -11,24 +10,18 @@ from torch import nn
 
 from distill.bench.flops import ModelShape, matmul_params, model_shape
 from distill.bench.memory import PeakMemory
-from distill.compress.fake_quant import prepare_qat, set_fake_quant_enabled
-from distill.config import TRAINING_KINDS, ObjectiveSpec, Recipe
+from distill.config import TRAINING_KINDS, Recipe, TrainSpec
 from distill.errors import RecipeError
 from distill.models import (
-    add_lora,
     backbone_of,
     causal_lm_of,
-    check_head_covers_tokenizer,
-    freeze,
-    hidden_width,
-    num_layers,
+    has_tokenizer,
+    load_tokenizer,
 )
-from distill.objective.hidden import HiddenProjections, resolve_layer_map
-from distill.objective.module import DistillModule, teacher_forward
-from distill.run.context import RunContext, load_ref
-from distill.run.quant_stages import _scheme
-from distill.run.train_stage import _teacher_dtype
-from distill.runtime.loop import autocast_for, param_groups
+from distill.objective.module import teacher_forward
+from distill.run.assemble import TrainingRun, assemble_training_run
+from distill.run.context import RunContext, read_stage_record, ref_config, root_model_key
+from distill.runtime.loop import autocast_for, lr_at, param_groups, train_step
 
 
 class _VocabOnly:
@@ -72,123 +65,81 @@ def pick_stage(recipe: Recipe, name: str | None):
     return trainable[0]
 
 
-def model_key(recipe: Recipe, stage, ref: str, notes: list[str]) -> str:
-    """The `models` key a stage's reference leads to, following earlier stages' `model`.
-
-    The bench builds that model fresh: an earlier training stage keeps the architecture, a width or
-    depth prune stage does not (noted).
-    """
-    index = recipe.stages.index(stage)
-    while True:
-        earlier = [s for s in recipe.stages[:index] if s.name == ref]
-        if not earlier:
-            return ref
-        upstream = earlier[-1]
-        if upstream.kind == "prune" and upstream.prune.method in ("width", "depth"):
-            notes.append(
-                f"stage {upstream.name!r} prunes {upstream.prune.method}: the bench measures the "
-                "unpruned architecture"
-            )
-        index = recipe.stages.index(upstream)
-        ref = upstream.model
+def bench_context(recipe: Recipe, stage, notes: list[str]) -> RunContext:
+    """A run context for measuring `stage`: the stages before it that finished in the recipe's
+    output dir are used as they are (their models, prune records, tokenizer), the others are
+    built fresh from the `models` they start from (an unpruned architecture, noted)."""
+    out = recipe.resolved_output_dir
+    tokenizer = None
+    if has_tokenizer(str(out / "tokenizer")):
+        tokenizer = load_tokenizer(str(out / "tokenizer"), "the run's tokenizer")
+    ctx = RunContext(recipe, out, tokenizer=tokenizer)
+    for earlier in recipe.stages[: recipe.stages.index(stage)]:
+        record = read_stage_record(ctx, earlier.name)
+        if record is not None:
+            ctx.entries.append(record["entry"])
+    finished = {entry["name"] for entry in ctx.entries}
+    for ref in {stage.model, stage.teacher_model} - {None} - finished:
+        for pruned in root_model_key(recipe, ref)[1]:
+            if pruned.prune.method in ("width", "depth") and pruned.name not in finished:
+                notes.append(
+                    f"stage {pruned.name!r} prunes {pruned.prune.method} and has not run: the "
+                    "bench measures the unpruned architecture"
+                )
+    if ctx.tokenizer is None:
+        ctx.tokenizer = _VocabOnly(
+            recipe.tokenizer.train.vocab_size if recipe.tokenizer.source == "train" else None
+        )
+        if ctx.tokenizer.size is None:  # the smallest head of the step's models
+            refs = {stage.model, stage.teacher_model} - {None}
+            ctx.tokenizer.size = min(ref_config(ctx, ref).vocab_size for ref in refs)
+    return ctx
 
 
 @dataclass
 class TrainStep:
     """Everything one training step of a stage touches."""
 
-    module: nn.Module
-    teacher: nn.Module | None
+    run: TrainingRun
     optimizer: torch.optim.Optimizer
     batches: list[torch.Tensor]
-    spec: object
+    spec: TrainSpec
     autocast: object
-    want_states: bool
     vocab_size: int
+
+    @property
+    def module(self) -> nn.Module:
+        return self.run.module
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self.run.teacher
 
 
 def build_train_step(
     recipe: Recipe, stage, path: str, device: torch.device, notes: list[str]
 ) -> TrainStep:
-    """The stage's models, DistillModule and AdamW, built as `distill run` builds them."""
-
+    """The stage's models, objective module, hooks and AdamW, from `assemble_training_run` (what
+    `distill run` trains), built on `device` (on "meta" it costs nothing: the FLOP model only
+    needs the shapes)."""
     spec = stage.train
-    vocab = _VocabOnly(
-        recipe.tokenizer.train.vocab_size if recipe.tokenizer.source == "train" else None
-    )
-    ctx = RunContext(recipe, recipe.resolved_output_dir, tokenizer=vocab)
-    student_key = model_key(recipe, stage, stage.model, notes)
-    # Built on the device itself: random init of a large model is fast there, and on "meta" it
-    # costs nothing (the FLOP model only needs the shapes).
-    with torch.device(device):
-        student = load_ref(ctx, student_key, "student")
-    teacher_ref = getattr(stage, "teacher", None)
-    teacher_name = teacher_ref.model if teacher_ref is not None else None
-    if stage.kind == "qat" and teacher_name is None:
-        teacher_name = stage.model
-    teacher = None
-    if teacher_name is not None:
-        teacher_key = model_key(recipe, stage, teacher_name, notes)
-        with torch.device(device):
-            teacher = load_ref(ctx, teacher_key, "teacher", dtype=_teacher_dtype(spec))
-        freeze(teacher)
-    rows = [m.get_output_embeddings().weight.shape[0] for m in (student, teacher) if m is not None]
-    if vocab.size is None:
-        vocab.size = min(rows)
-    for model, what in ((student, "student"), (teacher, "teacher")):
-        if model is not None:
-            check_head_covers_tokenizer(model, vocab, what)
-
-    # As stages.run_training_stage: fake quantization, gradient checkpointing, LoRA, projections.
-    if stage.kind == "qat":
-        prepare_qat(student, _scheme(stage.quant))
-        set_fake_quant_enabled(student, True)
-    model_spec = recipe.models[student_key]
-    if model_spec.gradient_checkpointing:
-        student.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
-    if model_spec.lora is not None:
-        student = add_lora(student, model_spec.lora)
-    objective = getattr(stage, "objective", None) if teacher is not None else None
-    if objective is not None:
-        objective = objective.model_copy(update={"path": path})
-    elif path == "naive":  # CE only: the same module, with its naive loss path
-        objective = ObjectiveSpec(ce_weight=1.0, terms=[], path="naive")
-    layer_map, projections = None, None
-    if objective is not None and teacher is not None and objective.hidden is not None:
-        layer_map = resolve_layer_map(
-            objective.hidden.layer_map, num_layers(student), num_layers(teacher)
-        )
-        projections = HiddenProjections(
-            layer_map, hidden_width(student), hidden_width(teacher), objective.hidden.projection
-        )
-    module = DistillModule(student, objective, len(vocab), layer_map, projections).to(device)
-    module.train()
-    if teacher is not None:
-        teacher.to(device)
+    ctx = bench_context(recipe, stage, notes)
+    run = assemble_training_run(ctx, stage, spec, objective_path=path, device=device)
+    run.module.train()
+    if run.teacher is not None:
+        run.teacher.to(device)
     optimizer = torch.optim.AdamW(
-        param_groups(module, spec.weight_decay), lr=spec.lr, betas=tuple(spec.betas)
+        param_groups(run.module, spec.weight_decay), lr=spec.lr, betas=tuple(spec.betas)
     )
+    vocab = len(ctx.tokenizer)
     gen = torch.Generator(device="cpu").manual_seed(recipe.seed)
-    seq_len = recipe.data.seq_len
+    shape = (spec.batch_size, recipe.data.seq_len)
     batches = [
-        torch.randint(0, len(vocab), (spec.batch_size, seq_len), generator=gen, device="cpu").to(
-            device
-        )
+        torch.randint(0, vocab, shape, generator=gen, device="cpu").to(device)
         for _ in range(spec.grad_accum)
     ]
-    want_states = bool(teacher is not None and objective is not None and objective.hidden)
-    return TrainStep(
-        module=module,
-        teacher=teacher,
-        optimizer=optimizer,
-        batches=batches,
-        spec=spec,
-        autocast=autocast_for(spec, device) if device.type != "meta" else nullcontext(),
-        want_states=want_states,
-        vocab_size=len(vocab),
-    )
+    autocast = autocast_for(spec, device) if device.type != "meta" else nullcontext()
+    return TrainStep(run, optimizer, batches, spec, autocast, vocab)
 
 
 @dataclass
@@ -210,25 +161,18 @@ def step_shapes(step: TrainStep) -> StepShapes:
     )
 
 
-def run_train_step(step: TrainStep) -> torch.Tensor:
-    """One optimizer step, as trainer.train does it on one process; returns the mean loss."""
-
-    # Every token of the step weighs the same (the trainer's global token count, one process).
-    count = sum(int((mb[:, 1:] != -100).sum()) for mb in step.batches)
-    loss_sum = torch.zeros((), device=step.batches[0].device)
-    for mb in step.batches:
-        teacher_out = None
-        if step.teacher is not None:
-            teacher_out = teacher_forward(step.teacher, mb, step.want_states, step.autocast)
-        with step.autocast:
-            total, _, _ = step.module(mb, teacher_out)
-        (total / max(count, 1)).backward()
-        loss_sum += total.detach().float()
-    max_norm = step.spec.max_grad_norm
-    torch.nn.utils.clip_grad_norm_(step.module.parameters(), max_norm if max_norm > 0 else math.inf)
-    step.optimizer.step()
-    step.optimizer.zero_grad(set_to_none=True)
-    return loss_sum / max(count, 1)
+def run_train_step(step: TrainStep, acc) -> torch.Tensor:
+    """One optimizer step, by the loop's own `train_step` and the stage's hooks; the mean loss."""
+    run = step.run
+    if run.hooks.before_step:
+        run.hooks.before_step(0, step.module)
+    lr = lr_at(0, step.spec)
+    out = train_step(
+        acc, step.module, step.optimizer, step.teacher, step.batches, step.spec, lr, step.autocast
+    )
+    if run.hooks.after_optimizer_step:
+        run.hooks.after_optimizer_step(step.module)
+    return out.loss
 
 
 def loss_only_peak_bytes(step: TrainStep, device: torch.device) -> int:

@@ -66,135 +66,53 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from distill.specs import QuantSpec
 
 ACTIVATION_MODES = (None, "int8_dynamic")
 SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _NAME_RE = re.compile(r"^int(\d+)-(?:g(\d+)|pc)-(sym|asym)(\+a8)?$")
 
 
-@dataclass(frozen=True)
-class QuantScheme:
-    """How linear weights (and optionally activations) are quantized."""
+def group_size_for(scheme: QuantSpec, in_features: int, module_name: str = "weight") -> int:
+    """The group size used for a weight with ``in_features`` columns; errors if it cannot."""
+    if scheme.group_size is None:
+        return in_features
+    check_divides(scheme, {module_name: in_features})
+    return scheme.group_size
 
-    bits: int = 4
-    """Weight bits, 2..8; codes are signed integers in [-2**(bits-1), 2**(bits-1) - 1]."""
-    group_size: int | None = 32
-    """Input columns sharing one scale; None = one scale per output channel (the whole row)."""
-    symmetric: bool = True
-    """Symmetric: zero_point 0, scale from max |w|. Asymmetric: scale from min/max, int8 zero_point."""
-    activations: str | None = None
-    """None (weight-only) or "int8_dynamic": per-token asymmetric int8 activations, computed live."""
-    exclude: tuple[str, ...] = ("lm_head",)
-    """Module names never quantized: a pattern matches if it is a substring of the name or matches
-    the whole name as an fnmatch glob ("lm_head", "*.mlp.down_proj", "layers.0."). Embeddings, and a
-    linear that shares its weight with an embedding (tied lm_head), are never quantized."""
-    scale_dtype: str = "bfloat16"
-    """Dtype the scales are rounded to and stored in: bfloat16, float16 or float32."""
 
-    def __post_init__(self) -> None:
-        # YAML gives lists; keep the dataclass hashable and comparable.
-        object.__setattr__(self, "exclude", tuple(self.exclude))
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise ValueError(f"QuantScheme.bits={self.bits!r}: must be an integer from 2 to 8")
-        if self.group_size is not None and (
-            isinstance(self.group_size, bool)
-            or not isinstance(self.group_size, int)
-            or self.group_size < 2
-        ):
-            raise ValueError(
-                f"QuantScheme.group_size={self.group_size!r}: must be None (per output channel) "
-                "or an integer >= 2 that divides in_features (usually 32, 64 or 128)"
-            )
-        if self.activations not in ACTIVATION_MODES:
-            raise ValueError(
-                f"QuantScheme.activations={self.activations!r}: supported are None (weight-only) "
-                'and "int8_dynamic" (per-token int8); for lower-bit activations there is no '
-                "kernel here, use int8_dynamic"
-            )
-        if self.scale_dtype not in SCALE_DTYPES:
-            raise ValueError(
-                f"QuantScheme.scale_dtype={self.scale_dtype!r}: must be one of {list(SCALE_DTYPES)}"
-            )
-
-    @property
-    def qmin(self) -> int:
-        return -(2 ** (self.bits - 1))
-
-    @property
-    def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1
-
-    def name(self) -> str:
-        """Short name, e.g. "int4-g32-sym", "int8-pc-sym", "int4-g32-sym+a8"."""
-        granularity = "pc" if self.group_size is None else f"g{self.group_size}"
-        symmetry = "sym" if self.symmetric else "asym"
-        suffix = "+a8" if self.activations == "int8_dynamic" else ""
-        return f"int{self.bits}-{granularity}-{symmetry}{suffix}"
-
-    @classmethod
-    def parse(cls, text: str, **overrides) -> QuantScheme:
-        """Inverse of ``name()``: "int4-g32-sym", "int3-pc-asym", "int4-g32-sym+a8"."""
-        match = _NAME_RE.match(text.strip())
-        if match is None:
-            raise ValueError(
-                f"cannot parse quantization scheme {text!r}: expected int<bits>-(g<size>|pc)-"
-                "(sym|asym)[+a8], e.g. int4-g32-sym, int8-pc-sym, int4-g32-sym+a8"
-            )
-        bits, group, symmetry, a8 = match.groups()
-        return cls(
-            bits=int(bits),
-            group_size=int(group) if group else None,
-            symmetric=symmetry == "sym",
-            activations="int8_dynamic" if a8 else None,
-            **overrides,
-        )
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "exclude": list(self.exclude)}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> QuantScheme:
-        return cls(**{**data, "exclude": tuple(data.get("exclude", ()))})
-
-    def group_size_for(self, in_features: int, module_name: str = "weight") -> int:
-        """The group size used for a weight with ``in_features`` columns; errors if it cannot."""
-        if self.group_size is None:
-            return in_features
-        self.check_divides({module_name: in_features})
-        return self.group_size
-
-    def check_divides(self, in_features_by_name: dict[str, int]) -> None:
-        """Raise one error naming every layer whose in_features the group size does not divide."""
-        bad = {n: k for n, k in in_features_by_name.items() if k % (self.group_size or k)}
-        if not bad:
-            return
-        sizes = [g for g in (8, 16, 32, 64, 128, 256) if all(k % g == 0 for k in bad.values())]
-        by_width: dict[int, list[str]] = {}
-        for name, k in bad.items():
-            by_width.setdefault(k, []).append(name)
-        layers = "; ".join(
-            f"{k} ({names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''})"
-            for k, names in by_width.items()
-        )
-        raise ValueError(
-            f"{self.name()}: group_size {self.group_size} does not divide in_features "
-            f"{layers}; use a group size that divides it "
-            f"({', '.join(map(str, sizes)) or 'no power of two from 8 to 256 does'}), "
-            "group_size=None (per output channel), or add these modules to exclude"
-        )
+def check_divides(scheme: QuantSpec, in_features_by_name: dict[str, int]) -> None:
+    """Raise one error naming every layer whose in_features the group size does not divide."""
+    bad = {n: k for n, k in in_features_by_name.items() if k % (scheme.group_size or k)}
+    if not bad:
+        return
+    sizes = [g for g in (8, 16, 32, 64, 128, 256) if all(k % g == 0 for k in bad.values())]
+    by_width: dict[int, list[str]] = {}
+    for name, k in bad.items():
+        by_width.setdefault(k, []).append(name)
+    layers = "; ".join(
+        f"{k} ({names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''})"
+        for k, names in by_width.items()
+    )
+    raise ValueError(
+        f"{scheme.name()}: group_size {scheme.group_size} does not divide in_features "
+        f"{layers}; use a group size that divides it "
+        f"({', '.join(map(str, sizes)) or 'no power of two from 8 to 256 does'}), "
+        "group_size=None (per output channel), or add these modules to exclude"
+    )
 
 
 # --- the rounding: integer codes, dequantization, fake quantization -----------------------------
 
 
-def _qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
+def _qparams(w: torch.Tensor, scheme: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale [out, n_groups] (scheme.scale_dtype) and zero_point [out, n_groups] (int8)."""
-    group = scheme.group_size_for(w.shape[-1])
+    group = group_size_for(scheme, w.shape[-1])
     groups = w.detach().reshape(w.shape[0], -1, group)
     min_neg = torch.clamp(groups.amin(dim=-1), max=0)
     max_pos = torch.clamp(groups.amax(dim=-1), min=0)
@@ -215,7 +133,7 @@ def _qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.
 
 
 def quantize_weight(
-    w: torch.Tensor, scheme: QuantScheme
+    w: torch.Tensor, scheme: QuantSpec
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Integer codes ``q`` (int8, shape of ``w``), ``scale`` and ``zero_point`` ([out, n_groups])."""
     if w.dim() != 2:
@@ -233,7 +151,7 @@ def dequantize_weight(
     q: torch.Tensor,
     scale: torch.Tensor,
     zero_point: torch.Tensor | None,
-    scheme: QuantScheme,
+    scheme: QuantSpec,
     shape: tuple[int, ...] | torch.Size,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
@@ -257,12 +175,12 @@ class _StraightThrough(torch.autograd.Function):
         return grad_output, None
 
 
-def _weight_quant_dequant(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+def _weight_quant_dequant(w: torch.Tensor, scheme: QuantSpec) -> torch.Tensor:
     q, scale, zero_point = quantize_weight(w, scheme)
     return dequantize_weight(q, scale, zero_point, scheme, w.shape, dtype=w.dtype)
 
 
-def fake_quantize_weight(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+def fake_quantize_weight(w: torch.Tensor, scheme: QuantSpec) -> torch.Tensor:
     """``dequantize(quantize(w))`` in value, bit for bit; the gradient is the identity.
 
     Scales come from ``w`` itself (detached: no gradient flows through the scale), so no weight is
@@ -311,16 +229,16 @@ class FakeQuantLinear(nn.Linear):
         device=None,
         dtype=None,
         *,
-        scheme: QuantScheme | None = None,
+        scheme: QuantSpec | None = None,
         enabled: bool = True,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.scheme = scheme or QuantScheme()
-        self.scheme.group_size_for(in_features)
+        self.scheme = scheme or QuantSpec()
+        group_size_for(scheme, in_features)
         self.enabled = enabled
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scheme: QuantScheme) -> FakeQuantLinear:
+    def from_linear(cls, linear: nn.Linear, scheme: QuantSpec) -> FakeQuantLinear:
         """A FakeQuantLinear holding the very same weight and bias Parameters as ``linear``."""
         module = cls(
             linear.in_features,
@@ -355,7 +273,7 @@ def _embedding_weights(model: nn.Module) -> set[int]:
     return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
 
-def _eligible_linears(model: nn.Module, scheme: QuantScheme, kinds: tuple[type, ...]):
+def _eligible_linears(model: nn.Module, scheme: QuantSpec, kinds: tuple[type, ...]):
     """(name, module) of every linear to quantize; checks group sizes before anything changes."""
     embedding_weights = _embedding_weights(model)
     chosen = [
@@ -365,7 +283,7 @@ def _eligible_linears(model: nn.Module, scheme: QuantScheme, kinds: tuple[type, 
         and not _is_excluded(name, scheme.exclude)
         and id(module.weight) not in embedding_weights
     ]
-    scheme.check_divides({name: module.in_features for name, module in chosen})
+    check_divides(scheme, {name: module.in_features for name, module in chosen})
     return chosen
 
 
@@ -374,7 +292,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def prepare_qat(model: nn.Module, scheme: QuantScheme) -> list[str]:
+def prepare_qat(model: nn.Module, scheme: QuantSpec) -> list[str]:
     """Swap every eligible ``nn.Linear`` for a ``FakeQuantLinear`` in place; returns their names.
 
     The same Parameter objects move into the new modules, so state_dict keys, an optimizer built
@@ -413,7 +331,7 @@ def remove_fake_quant(model: nn.Module) -> list[str]:
     return names
 
 
-def torchao_config(scheme: QuantScheme):
+def torchao_config(scheme: QuantSpec):
     """The torchao config whose ``quantize_`` gives the same codes and scales as this module."""
     try:
         from torchao.quantization import (

@@ -9,14 +9,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-_SCORINGS = ("wanda", "magnitude")
-
-
-_SCOPES = ("layer", "global")
-
-
-_HEAD_UNITS = ("kv_group", "query_head")
-
+from distill.errors import RecipeError
 
 _ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -31,7 +24,7 @@ def prunable_linears(
     model: nn.Module, exclude: Sequence[str] = ("lm_head",)
 ) -> dict[str, nn.Linear]:
     """Module name -> nn.Linear for every linear inside the decoder layers not matched by exclude."""
-    in_layers = {id(module) for module in _decoder_layers(model).modules()}
+    in_layers = {id(module) for module in decoder_layers(model).modules()}
     return {
         name: module
         for name, module in model.named_modules()
@@ -41,7 +34,7 @@ def prunable_linears(
     }
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers, after checking every one has the Llama layout."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if isinstance(layers, nn.ModuleList) and len(layers) > 0 and all(map(_is_llama_layer, layers)):
@@ -61,7 +54,7 @@ def _is_llama_layer(layer: nn.Module) -> bool:
     )
 
 
-def _own_config(model: nn.Module):
+def own_config(model: nn.Module):
     """Give the model a private copy of its config before structural edits.
 
     A config object passed to several models is shared by all of them and by each module's `config`
@@ -74,13 +67,13 @@ def _own_config(model: nn.Module):
     return private
 
 
-def _linear_weight(model: nn.Module, param_name: str) -> torch.Tensor:
+def linear_weight(model: nn.Module, param_name: str) -> torch.Tensor:
     return model.get_submodule(param_name.removesuffix(".weight")).weight
 
 
-def _check_calibration(calibration: list[torch.Tensor] | None, needed_by: str) -> None:
+def check_calibration(calibration: list[torch.Tensor] | None, needed_by: str) -> None:
     if not calibration:
-        raise ValueError(
+        raise RecipeError(
             f"{needed_by} needs calibration data: pass calibration=[LongTensor [batch, seq] of "
             "token ids, ...]"
         )
@@ -92,7 +85,7 @@ def _check_calibration(calibration: list[torch.Tensor] | None, needed_by: str) -
             )
 
 
-def _run_calibration(model: nn.Module, calibration: list[torch.Tensor]) -> None:
+def run_calibration(model: nn.Module, calibration: list[torch.Tensor]) -> None:
     """Run the decoder (no lm_head) over the batches in eval mode; restore every module's mode."""
     modes = [(module, module.training) for module in model.modules()]
     device = next(model.parameters()).device
@@ -106,7 +99,7 @@ def _run_calibration(model: nn.Module, calibration: list[torch.Tensor]) -> None:
             module.training = training
 
 
-def _input_sq_sums(
+def input_sq_sums(
     model: nn.Module, linears: dict[str, nn.Linear], calibration: list[torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """Per input column of each linear, the sum over calibration tokens of its squared input."""
@@ -124,7 +117,7 @@ def _input_sq_sums(
 
     handles = [lin.register_forward_pre_hook(hook_for(name)) for name, lin in linears.items()]
     try:
-        _run_calibration(model, calibration)
+        run_calibration(model, calibration)
     finally:
         for handle in handles:
             handle.remove()

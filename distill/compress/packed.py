@@ -18,13 +18,14 @@ from torch import nn
 from distill.compress.fake_quant import (
     SCALE_DTYPES,
     FakeQuantLinear,
-    QuantScheme,
     _activation_quant_dequant,
     _eligible_linears,
     _replace,
     dequantize_weight,
+    group_size_for,
     quantize_weight,
 )
+from distill.specs import QuantSpec
 
 FORMAT_NAME = "distill-intx-packed"
 
@@ -81,14 +82,14 @@ class QuantizedLinear(nn.Module):
         self,
         in_features: int,
         out_features: int,
-        scheme: QuantScheme,
+        scheme: QuantSpec,
         bias: bool = False,
         dtype: torch.dtype = torch.float32,
         device=None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
-        n_groups = in_features // scheme.group_size_for(in_features)
+        n_groups = in_features // group_size_for(scheme, in_features)
         packed_bytes = (in_features * out_features * scheme.bits + 7) // 8
         self.register_buffer("qweight", torch.empty(packed_bytes, dtype=torch.uint8, device=device))
         scale_dtype = SCALE_DTYPES[scheme.scale_dtype]
@@ -110,7 +111,7 @@ class QuantizedLinear(nn.Module):
         self._kernel_cache: tuple | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scheme: QuantScheme) -> QuantizedLinear:
+    def from_linear(cls, linear: nn.Linear, scheme: QuantSpec) -> QuantizedLinear:
         weight = linear.weight.detach()
         module = cls(
             linear.in_features,
@@ -181,11 +182,11 @@ class QuantizedLinear(nn.Module):
         )
 
 
-def _kernel_for(scheme: QuantScheme, in_features: int, out_features: int) -> str | None:
+def _kernel_for(scheme: QuantSpec, in_features: int, out_features: int) -> str | None:
     """Which CPU kernel serves this layer: "int4pack", "int8pack" or None (reference path)."""
     if scheme.activations is not None:
         return None
-    group = scheme.group_size_for(in_features)
+    group = group_size_for(scheme, in_features)
     if (
         scheme.bits == 4
         and group in (32, 64, 128, 256)
@@ -211,7 +212,7 @@ def set_kernels_enabled(model: nn.Module, enabled: bool) -> None:
             module.use_kernel = enabled
 
 
-def _empty_quantized_linears(model: nn.Module, names, scheme: QuantScheme) -> None:
+def _empty_quantized_linears(model: nn.Module, names, scheme: QuantSpec) -> None:
     """Replace the named linears by empty ``QuantizedLinear`` shells for a checkpoint to fill."""
     for name in names:
         linear = model.get_submodule(name)
@@ -226,7 +227,7 @@ def _empty_quantized_linears(model: nn.Module, names, scheme: QuantScheme) -> No
         _replace(model, name, module)
 
 
-def convert_model(model: nn.Module, scheme: QuantScheme) -> list[str]:
+def convert_model(model: nn.Module, scheme: QuantSpec) -> list[str]:
     """Replace eligible linears (plain or FakeQuantLinear) by QuantizedLinear in place; returns names.
 
     The converted weights equal what ``fake_quantize_weight`` produced during QAT, bit for bit.
@@ -245,7 +246,7 @@ def convert_model(model: nn.Module, scheme: QuantScheme) -> list[str]:
     return names
 
 
-def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, scheme: QuantScheme) -> None:
+def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, scheme: QuantSpec) -> None:
     """Write a converted model (see the module docstring for the format) and its tokenizer."""
     from safetensors.torch import save_file
 
@@ -275,7 +276,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, scheme: Qua
     meta = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
-        "scheme": scheme.to_dict(),
+        "scheme": scheme.model_dump(mode="json"),
         "scheme_name": scheme.name(),
         "dtype": str(dtype).removeprefix("torch."),
         "modules": sorted(modules),
@@ -290,7 +291,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, scheme: Qua
         config.quantization_config = {
             "quant_method": FORMAT_NAME,
             "scheme": scheme.name(),
-            "scheme_config": scheme.to_dict(),
+            "scheme_config": scheme.model_dump(mode="json"),
             "modules": sorted(modules),
             "load_with": "import distill.compress.packed; then AutoModelForCausalLM.from_pretrained "
             "or distill.compress.packed.load_quantized",
@@ -337,7 +338,7 @@ def load_quantized(
             f"{path / QUANT_CONFIG_FILE}: format {meta.get('format')!r} version "
             f"{meta.get('version')!r}; this distill reads {FORMAT_NAME!r} version {FORMAT_VERSION}"
         )
-    scheme = QuantScheme.from_dict(meta["scheme"])
+    scheme = QuantSpec.model_validate(meta["scheme"])
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -404,7 +405,7 @@ def register_transformers_quantizer() -> bool:
         requires_calibration = True  # loads pre-quantized weights only
 
         def _process_model_before_weight_loading(self, model, **kwargs):
-            scheme = QuantScheme.from_dict(self.quantization_config.scheme_config)
+            scheme = QuantSpec.model_validate(self.quantization_config.scheme_config)
             _empty_quantized_linears(model, self.quantization_config.modules, scheme)
             return model
 

@@ -30,11 +30,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from distill.compress.layers import _decoder_layers, _linear_weight, prunable_linears
-from distill.compress.prune_sparse import _prune_sparse
-from distill.compress.prune_structured import _prune_depth, _prune_width
+from distill.compress.layers import decoder_layers, linear_weight, prunable_linears
+from distill.compress.prune_sparse import prune_sparse
+from distill.compress.prune_structured import prune_depth, prune_width
+from distill.models import count_params
+from distill.specs import SPARSE_METHODS, PruneSpec
 
-PRUNE_METHODS = ("magnitude", "wanda", "nm", "width", "depth")
 RECORD_FILE = "distill_prune.json"
 """Written next to a pruned model's weights: `PruneResult.record()` (what was removed, from what)."""
 CALIBRATION_BATCH_SIZE = 8
@@ -78,53 +79,34 @@ class PruneResult:
 
 def prune_model(
     model: nn.Module,
-    method: str,
-    *,
-    sparsity: float = 0.5,
-    n: int = 2,
-    m: int = 4,
-    scoring: str = "wanda",
-    scope: str = "layer",
+    spec: PruneSpec,
     calibration: list[torch.Tensor] | None = None,
-    width_heads_fraction: float = 0.25,
-    width_mlp_fraction: float = 0.25,
-    width_head_unit: str = "kv_group",
-    depth_layers: int | list[int] | None = None,
     exclude: Sequence[str] = ("lm_head",),
 ) -> PruneResult:
-    """Prune `model` in place with `method` (one of PRUNE_METHODS) and say what was done.
+    """Prune `model` in place as `spec` says and say what was done.
 
-    `sparsity` and `scope` apply to magnitude/wanda (scope "global" to magnitude only); `n`, `m`,
-    `scoring` to nm; `width_*_fraction` (share of heads / MLP channels removed) and
-    `width_head_unit` (remove whole "kv_group"s, or "query_head"s within every group) to width;
-    `depth_layers` (a count to remove by rank, or explicit indices) to depth. `exclude` skips
-    linears whose name contains any of its strings (unstructured and N:M only). Wanda scoring,
-    width and ranked depth need `calibration`.
+    `calibration` (LongTensor batches [batch, seq] of token ids) is needed by Wanda scoring, width
+    and ranked depth. `exclude` skips linears whose name contains any of its strings (unstructured
+    and N:M only). Problems that depend on the model raise `SettingError` naming the setting.
     """
-    if method not in PRUNE_METHODS:
-        raise ValueError(f"unknown pruning method {method!r}; allowed: {', '.join(PRUNE_METHODS)}")
-    layers = _decoder_layers(model)
-    params_before = count_parameters(model)
-    if method in ("magnitude", "wanda", "nm"):
-        masks, details = _prune_sparse(
-            model, method, sparsity, n, m, scoring, scope, calibration, exclude
-        )
-        pruned = {name: _linear_weight(model, name) for name in masks}
+    layers = decoder_layers(model)
+    params_before = count_params(model)
+    if spec.method in SPARSE_METHODS:
+        masks, details = prune_sparse(model, spec, calibration, exclude)
+        pruned = {name: linear_weight(model, name) for name in masks}
         zeros = sum(int((w == 0).sum()) for w in pruned.values())
         total = sum(w.numel() for w in pruned.values())
         removed = sum(int((~keep).sum()) for keep in masks.values())
         return PruneResult(
-            method, zeros / total, params_before, params_before - removed, masks, details
+            spec.method, zeros / total, params_before, params_before - removed, masks, details
         )
-    if method == "width":
-        details = _prune_width(
-            model, layers, width_heads_fraction, width_mlp_fraction, width_head_unit, calibration
-        )
+    if spec.method == "width":
+        details = prune_width(model, layers, spec, calibration)
     else:
-        details = _prune_depth(model, layers, depth_layers, calibration)
-    params_after = count_parameters(model)
+        details = prune_depth(model, layers, spec.layers, calibration)
+    params_after = count_params(model)
     return PruneResult(
-        method, 1 - params_after / params_before, params_before, params_after, None, details
+        spec.method, 1 - params_after / params_before, params_before, params_after, None, details
     )
 
 
@@ -181,11 +163,6 @@ def sparsity_of(model: nn.Module, exclude: Sequence[str] = ("lm_head",)) -> floa
     weights = [linear.weight for linear in prunable_linears(model, exclude).values()]
     zeros = sum(int((w == 0).sum()) for w in weights)
     return zeros / sum(w.numel() for w in weights)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """All parameters, embeddings included; tied weights count once."""
-    return sum(p.numel() for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,48 +9,35 @@ import torch
 from torch import nn
 
 from distill.compress.layers import (
-    _SCOPES,
-    _SCORINGS,
-    _check_calibration,
-    _input_sq_sums,
+    check_calibration,
+    input_sq_sums,
     prunable_linears,
 )
+from distill.errors import RecipeError, SettingError
+from distill.specs import PruneSpec
 
 
-def _prune_sparse(
+def prune_sparse(
     model: nn.Module,
-    method: str,
-    sparsity: float,
-    n: int,
-    m: int,
-    scoring: str,
-    scope: str,
+    spec: PruneSpec,
     calibration: list[torch.Tensor] | None,
     exclude: Sequence[str],
 ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Zero weights of every prunable linear (magnitude, wanda, nm); returns keep-masks and the
+    per-layer details."""
+    method, sparsity, n, m, scope = spec.method, spec.sparsity, spec.n, spec.m, spec.scope
     linears = prunable_linears(model, exclude)
     if not linears:
-        raise ValueError(f"exclude={list(exclude)} leaves no linear layer to prune")
-    if scope not in _SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; allowed: {', '.join(_SCOPES)}")
-    if scope == "global" and method != "magnitude":
-        raise ValueError(
-            f"scope='global' applies to method 'magnitude' only; {method} compares weights "
-            "within each row or group, use scope='layer'"
-        )
+        raise RecipeError(f"exclude={list(exclude)} leaves no linear layer to prune")
     if method == "nm":
-        if scoring not in _SCORINGS:
-            raise ValueError(f"unknown scoring {scoring!r}; allowed: {', '.join(_SCORINGS)}")
-        _check_nm(n, m, linears)
-        use_wanda = scoring == "wanda"
+        _check_nm(m, linears)
+        use_wanda = spec.scoring == "wanda"
     else:
-        if not 0 < sparsity < 1:
-            raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
         use_wanda = method == "wanda"
     sq_sums = None
     if use_wanda:
-        _check_calibration(calibration, f"{method} with Wanda scoring")
-        sq_sums = _input_sq_sums(model, linears, calibration)
+        check_calibration(calibration, f"{method} with Wanda scoring")
+        sq_sums = input_sq_sums(model, linears, calibration)
 
     def scores(name: str) -> torch.Tensor:
         weight = linears[name].weight.detach().float().abs()
@@ -88,14 +75,13 @@ def _prune_sparse(
     return masks, details
 
 
-def _check_nm(n: int, m: int, linears: dict[str, nn.Linear]) -> None:
-    if not 0 < n < m:
-        raise ValueError(f"N:M sparsity needs 0 < n < m, got n={n}, m={m}")
+def _check_nm(m: int, linears: dict[str, nn.Linear]) -> None:
     for name, linear in linears.items():
         if linear.in_features % m:
-            raise ValueError(
-                f"N:M sparsity needs m to divide every in_features; {name} has "
-                f"in_features={linear.in_features}, m={m}"
+            raise SettingError(
+                "N:M sparsity needs {m} to divide every in_features; "
+                f"{name} has in_features={linear.in_features}, {{m=}}",
+                m=m,
             )
 
 

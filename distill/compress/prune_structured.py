@@ -10,49 +10,44 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.compress.layers import (
-    _HEAD_UNITS,
     _PER_LAYER_CONFIG_LISTS,
-    _check_calibration,
-    _input_sq_sums,
-    _own_config,
-    _run_calibration,
+    check_calibration,
+    input_sq_sums,
+    own_config,
+    run_calibration,
 )
+from distill.errors import SettingError
+from distill.specs import PruneSpec
 
 
-def _count_removed(fraction: float, available: int, argument: str, what: str) -> int:
+def _count_removed(fraction: float, available: int, key: str, what: str) -> int:
     """How many of `available` units a fraction removes: rounded, at least one when above 0."""
-    if not 0 <= fraction < 1:
-        raise ValueError(f"{argument} must be in [0, 1), got {fraction}")
     removed = max(round(fraction * available), 1) if fraction > 0 else 0
     if removed >= available:
-        raise ValueError(
-            f"{argument}={fraction} removes {removed} of {available} {what}, leaving none; "
-            "use a smaller fraction"
+        raise SettingError(
+            f"{{{key}=}} removes {removed} of {available} {what}, leaving none; "
+            "use a smaller fraction",
+            **{key: fraction},
         )
     return removed
 
 
-def _prune_width(
-    model: nn.Module,
-    layers: nn.ModuleList,
-    heads_fraction: float,
-    mlp_fraction: float,
-    head_unit: str,
-    calibration: list[torch.Tensor] | None,
+def prune_width(
+    model: nn.Module, layers: nn.ModuleList, spec: PruneSpec, calibration: list[torch.Tensor] | None
 ) -> dict:
+    """Remove the least important heads and MLP channels of every layer (the same count in each),
+    ranked by the norm of their outputs on calibration data (Minitron)."""
+    heads_fraction, mlp_fraction, head_unit = spec.heads_fraction, spec.mlp_fraction, spec.head_unit
     config = model.config
     num_heads, num_kv = config.num_attention_heads, config.num_key_value_heads
     group = num_heads // num_kv
     head_dim = layers[0].self_attn.head_dim
     intermediate = layers[0].mlp.down_proj.in_features
-    if head_unit not in _HEAD_UNITS:
-        raise ValueError(
-            f"unknown width_head_unit {head_unit!r}; allowed: {', '.join(_HEAD_UNITS)}"
-        )
     if head_unit == "query_head" and group == 1 and heads_fraction > 0:
-        raise ValueError(
-            "width_head_unit='query_head' removes query heads within key-value groups, but this "
-            f"model has one query head per key-value head ({num_heads} of each); use 'kv_group'"
+        raise SettingError(
+            "{head_unit}='query_head' removes query heads within key-value groups, but this "
+            f"model has one query head per key-value head ({num_heads} of each); use 'kv_group'",
+            head_unit=head_unit,
         )
 
     def head_counts(removed: int) -> dict:  # config sizes after removing `removed` units
@@ -65,14 +60,10 @@ def _prune_width(
     heads_removed = _count_removed(
         heads_fraction,
         available,
-        "width_heads_fraction",
+        "heads_fraction",
         "key-value head groups" if head_unit == "kv_group" else "query heads of each group",
     )
-    channels_removed = _count_removed(
-        mlp_fraction, intermediate, "width_mlp_fraction", "MLP channels"
-    )
-    if heads_removed == 0 and channels_removed == 0:
-        raise ValueError("width pruning with both fractions 0 removes nothing")
+    channels_removed = _count_removed(mlp_fraction, intermediate, "mlp_fraction", "MLP channels")
     new_intermediate = intermediate - channels_removed
     # head_dim is written explicitly: configs without it derive hidden_size // num_attention_heads.
     updates = {
@@ -81,37 +72,24 @@ def _prune_width(
         "intermediate_size": new_intermediate,
     }
     _check_config_accepts(config, updates, head_counts, available, head_unit)
-    _check_calibration(calibration, "width pruning")
+    check_calibration(calibration, "width pruning")
 
     stats = {}
     for i, layer in enumerate(layers):
         stats[f"{i}.o_proj"] = layer.self_attn.o_proj
         stats[f"{i}.down_proj"] = layer.mlp.down_proj
-    sq_sums = _input_sq_sums(model, stats, calibration)
+    sq_sums = input_sq_sums(model, stats, calibration)
 
-    kept_kv_heads, kept_query_heads, kept_channels = [], [], []
-    new_kv = updates["num_key_value_heads"]
-    new_group = updates["num_attention_heads"] // new_kv
-    for i, layer in enumerate(layers):
-        if heads_removed:
-            # A query head's importance: squared L2 norm of its output over all calibration tokens;
-            # query head h reads key-value head h // group.
-            scores = sq_sums[f"{i}.o_proj"].view(num_kv, group, head_dim).sum(-1)
-            if head_unit == "kv_group":
-                kept_kv = scores.sum(1).topk(new_kv).indices.sort().values
-                within = torch.arange(group).expand(new_kv, group)
-            else:
-                kept_kv = torch.arange(num_kv)
-                within = scores.topk(new_group, dim=1).indices.sort(dim=1).values
-            kept_heads = (kept_kv[:, None] * group + within.to(kept_kv.device)).flatten()
-            _slice_attention(layer.self_attn, kept_kv, kept_heads, head_dim)
-            kept_kv_heads.append(kept_kv.tolist())
-            kept_query_heads.append(kept_heads.tolist())
-        if channels_removed:
-            kept = sq_sums[f"{i}.down_proj"].topk(new_intermediate).indices.sort().values
-            _slice_mlp(layer.mlp, kept)
-            kept_channels.append(kept.tolist())
-    config = _own_config(model)
+    kept_kv_heads, kept_query_heads, kept_channels = _slice_layers(
+        layers,
+        sq_sums,
+        updates,
+        heads_removed,
+        channels_removed,
+        head_unit,
+        (num_kv, group, head_dim),
+    )
+    config = own_config(model)
     for key, value in updates.items():
         setattr(config, key, value)
     return {
@@ -147,9 +125,10 @@ def _check_config_accepts(
         for r in range(1, available)
         if error({**updates, **head_counts(r)}) is None
     ]
-    raise ValueError(
+    raise SettingError(
         f"{type(config).__name__} rejects the pruned sizes {updates}: {err}. "
-        f"width_heads_fraction values it accepts: {', '.join(allowed) or 'none besides 0'}"
+        f"{{heads_fraction}} values it accepts: {', '.join(allowed) or 'none besides 0'}",
+        heads_fraction=None,
     )
 
 
@@ -206,7 +185,7 @@ def _like(param: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(data.contiguous(), requires_grad=param.requires_grad)
 
 
-def _prune_depth(
+def prune_depth(
     model: nn.Module,
     layers: nn.ModuleList,
     depth_layers: int | list[int] | None,
@@ -214,38 +193,30 @@ def _prune_depth(
 ) -> dict:
     num_layers = len(layers)
     details: dict = {}
-    if isinstance(depth_layers, int) and not isinstance(depth_layers, bool):
-        if not 1 <= depth_layers < num_layers:
-            raise ValueError(
-                f"depth_layers={depth_layers} must remove at least 1 and fewer than all "
-                f"{num_layers} layers"
+    if isinstance(depth_layers, int):  # a count, ranked (PruneSpec checked the types)
+        if not depth_layers < num_layers:
+            raise SettingError(
+                f"{{layers=}} must remove at least 1 and fewer than all {num_layers} layers",
+                layers=depth_layers,
             )
-        _check_calibration(calibration, "depth pruning by rank (depth_layers as a count)")
+        check_calibration(calibration, "depth pruning by rank (layers as a count)")
         similarity = _block_similarities(model, layers, calibration)
         removed = sorted(similarity.topk(depth_layers).indices.tolist())
         details["input_output_cosine"] = similarity.tolist()
-    elif isinstance(depth_layers, (list, tuple)):
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in depth_layers):
-            raise ValueError(f"depth_layers must hold integer layer indices, got {depth_layers!r}")
+    else:
         removed = sorted(depth_layers)
         out_of_range = [i for i in removed if not 0 <= i < num_layers]
         if out_of_range:
-            raise ValueError(
-                f"depth_layers {out_of_range} out of range: the model has layers "
-                f"0..{num_layers - 1}"
+            raise SettingError(
+                f"{{layers}} {out_of_range} out of range: the model has layers 0..{num_layers - 1}",
+                layers=depth_layers,
             )
-        if len(set(removed)) != len(removed):
-            raise ValueError(f"depth_layers {list(depth_layers)} repeats an index")
         if not 1 <= len(removed) < num_layers:
-            raise ValueError(
-                f"depth_layers must remove at least 1 and fewer than all {num_layers} layers, "
-                f"got {list(depth_layers)}"
+            raise SettingError(
+                f"{{layers}} must remove at least 1 and fewer than all {num_layers} layers, "
+                f"got {list(depth_layers)}",
+                layers=depth_layers,
             )
-    else:
-        raise ValueError(
-            "depth pruning needs depth_layers: a count of layers to remove (ranked on "
-            f"calibration data) or a list of layer indices, got {depth_layers!r}"
-        )
 
     kept = [i for i in range(num_layers) if i not in removed]
     model.model.layers = nn.ModuleList(layers[i] for i in kept)
@@ -254,7 +225,7 @@ def _prune_depth(
         layer.self_attn.layer_idx = new_idx
         if hasattr(layer, "layer_idx"):
             layer.layer_idx = new_idx
-    config = _own_config(model)
+    config = own_config(model)
     config.num_hidden_layers = len(kept)
     for attr in _PER_LAYER_CONFIG_LISTS:
         values = getattr(config, attr, None)
@@ -284,8 +255,46 @@ def _block_similarities(
         layer.register_forward_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)
     ]
     try:
-        _run_calibration(model, calibration)
+        run_calibration(model, calibration)
     finally:
         for handle in handles:
             handle.remove()
     return sums / counts
+
+
+def _slice_layers(
+    layers,
+    sq_sums,
+    updates,
+    heads_removed,
+    channels_removed,
+    head_unit,
+    shape: tuple[int, int, int],
+):
+    """Keep each layer's most important heads and MLP channels (by the squared L2 norm of their
+    outputs over the calibration tokens); returns what was kept, per layer."""
+    num_kv, group, head_dim = shape  # key-value heads, query heads per group, head width
+    new_intermediate = updates["intermediate_size"]
+    kept_kv_heads, kept_query_heads, kept_channels = [], [], []
+    new_kv = updates["num_key_value_heads"]
+    new_group = updates["num_attention_heads"] // new_kv
+    for i, layer in enumerate(layers):
+        if heads_removed:
+            # A query head's importance: squared L2 norm of its output over all calibration tokens;
+            # query head h reads key-value head h // group.
+            scores = sq_sums[f"{i}.o_proj"].view(num_kv, group, head_dim).sum(-1)
+            if head_unit == "kv_group":
+                kept_kv = scores.sum(1).topk(new_kv).indices.sort().values
+                within = torch.arange(group).expand(new_kv, group)
+            else:
+                kept_kv = torch.arange(num_kv)
+                within = scores.topk(new_group, dim=1).indices.sort(dim=1).values
+            kept_heads = (kept_kv[:, None] * group + within.to(kept_kv.device)).flatten()
+            _slice_attention(layer.self_attn, kept_kv, kept_heads, head_dim)
+            kept_kv_heads.append(kept_kv.tolist())
+            kept_query_heads.append(kept_heads.tolist())
+        if channels_removed:
+            kept = sq_sums[f"{i}.down_proj"].topk(new_intermediate).indices.sort().values
+            _slice_mlp(layer.mlp, kept)
+            kept_channels.append(kept.tolist())
+    return kept_kv_heads, kept_query_heads, kept_channels

@@ -238,6 +238,66 @@ def chunked_logit_objective(
     ``student_hidden`` and ``student_head_weight`` (when they require grad) only.
     """
     terms = tuple(terms)
+    has_teacher_head, teacher_rows = _check_inputs(
+        student_hidden,
+        student_head_weight,
+        labels,
+        terms,
+        ce_weight,
+        teacher_hidden,
+        teacher_head_weight,
+        teacher_topk,
+        chunk_size,
+    )
+    vocab = _resolve_vocab(vocab_size, student_head_weight.shape[0], teacher_rows)
+
+    rows = _valid_rows(labels)
+    valid_labels = _select_rows(labels, rows).long()
+    _check_index_range("labels", valid_labels, vocab, "labels must be token ids or -100")
+    # index_select is differentiable: autograd scatters the valid rows' gradient back, zeros elsewhere.
+    hidden = _select_rows(student_hidden, rows)
+    weight = student_head_weight[:vocab]
+    teacher_hidden_valid = teacher_weight = logprobs = indices = None
+    if has_teacher_head:
+        teacher_hidden_valid = _select_rows(teacher_hidden.detach(), rows)
+        teacher_weight = teacher_head_weight.detach()[:vocab]
+    if teacher_topk is not None:
+        logprobs, indices = _check_topk(teacher_topk, student_hidden.shape[0], vocab)
+        logprobs = _select_rows(logprobs.detach(), rows)
+        indices = _select_rows(indices, rows).long()
+        _check_index_range(
+            "teacher_topk indices", indices, vocab, "was the cache written with the same tokenizer?"
+        )
+    grad_enabled = torch.is_grad_enabled()
+    total, sums = _ChunkedLogitObjective.apply(
+        hidden,
+        weight,
+        valid_labels,
+        teacher_hidden_valid,
+        teacher_weight,
+        logprobs,
+        indices,
+        terms,
+        float(ce_weight),
+        int(chunk_size),
+        grad_enabled and hidden.requires_grad,
+        grad_enabled and weight.requires_grad,
+    )
+    return _make_output(total, sums, terms, rows)
+
+
+def _check_inputs(
+    student_hidden,
+    student_head_weight,
+    labels,
+    terms,
+    ce_weight,
+    teacher_hidden,
+    teacher_head_weight,
+    teacher_topk,
+    chunk_size,
+) -> tuple[bool, int | None]:
+    """Shapes and arguments of :func:`chunked_logit_objective`; (teacher head given, its rows)."""
     has_teacher_head = teacher_hidden is not None or teacher_head_weight is not None
     if has_teacher_head and (teacher_hidden is None or teacher_head_weight is None):
         raise ValueError("pass teacher_hidden and teacher_head_weight together (or teacher_topk)")
@@ -275,38 +335,4 @@ def chunked_logit_objective(
                 f"[V, Ht], got {list(teacher_hidden.shape)} and {list(teacher_head_weight.shape)}"
             )
         teacher_rows = teacher_head_weight.shape[0]
-    vocab = _resolve_vocab(vocab_size, student_head_weight.shape[0], teacher_rows)
-
-    rows = _valid_rows(labels)
-    valid_labels = _select_rows(labels, rows).long()
-    _check_index_range("labels", valid_labels, vocab, "labels must be token ids or -100")
-    # index_select is differentiable: autograd scatters the valid rows' gradient back, zeros elsewhere.
-    hidden = _select_rows(student_hidden, rows)
-    weight = student_head_weight[:vocab]
-    teacher_hidden_valid = teacher_weight = logprobs = indices = None
-    if has_teacher_head:
-        teacher_hidden_valid = _select_rows(teacher_hidden.detach(), rows)
-        teacher_weight = teacher_head_weight.detach()[:vocab]
-    if teacher_topk is not None:
-        logprobs, indices = _check_topk(teacher_topk, num_rows, vocab)
-        logprobs = _select_rows(logprobs.detach(), rows)
-        indices = _select_rows(indices, rows).long()
-        _check_index_range(
-            "teacher_topk indices", indices, vocab, "was the cache written with the same tokenizer?"
-        )
-    grad_enabled = torch.is_grad_enabled()
-    total, sums = _ChunkedLogitObjective.apply(
-        hidden,
-        weight,
-        valid_labels,
-        teacher_hidden_valid,
-        teacher_weight,
-        logprobs,
-        indices,
-        terms,
-        float(ce_weight),
-        int(chunk_size),
-        grad_enabled and hidden.requires_grad,
-        grad_enabled and weight.requires_grad,
-    )
-    return _make_output(total, sums, terms, rows)
+    return has_teacher_head, teacher_rows

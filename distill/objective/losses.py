@@ -43,46 +43,10 @@ from numbers import Integral
 import torch
 import torch.nn.functional as F
 
-from distill.config import LOGIT_LOSS_KINDS
+from distill.specs import LogitTerm
 
 IGNORE_INDEX = -100
 HIDDEN_LOSS_KINDS = ("mse", "cosine")
-
-
-@dataclass(frozen=True)
-class LogitTerm:
-    """One weighted logit-distillation term of the objective."""
-
-    kind: str
-    """One of LOGIT_LOSS_KINDS."""
-    weight: float = 1.0
-    """Multiplies ``T**2 * term`` in the total; must be >= 0."""
-    temperature: float = 1.0
-    """Softmax temperature T applied to both student and teacher; must be > 0."""
-    beta: float = 0.5
-    """``jsd`` only: 0 gives KL(teacher || student), 1 gives KL(student || teacher) (TRL convention)."""
-    alpha: float = 0.1
-    """``skew_kl`` / ``skew_reverse_kl`` only: skew of the mixture, in [0, 1]; 0 is the plain KL."""
-
-    def __post_init__(self) -> None:
-        if self.kind not in LOGIT_LOSS_KINDS:
-            raise ValueError(
-                f"unknown logit loss kind {self.kind!r}; use one of {', '.join(LOGIT_LOSS_KINDS)}"
-            )
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(
-                f"{self.kind}: temperature must be a finite number > 0, got {self.temperature}; "
-                "use 1.0 for no softening (typical KD values are 1 to 4)"
-            )
-        if not (math.isfinite(self.weight) and self.weight >= 0):
-            raise ValueError(
-                f"{self.kind}: weight must be a finite number >= 0, got {self.weight}; "
-                "use 0 to log a term without training on it"
-            )
-        for name in ("beta", "alpha"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{self.kind}: {name} must be in [0, 1], got {value}")
 
 
 @dataclass

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from distill.config import ObjectiveSpec
 from distill.models import backbone_of, causal_lm_of, full_weight
 from distill.objective.chunked import chunked_logit_objective
 from distill.objective.hidden import hidden_state_loss
-from distill.objective.losses import LogitTerm, naive_logit_objective
+from distill.objective.losses import naive_logit_objective
+from distill.specs import ObjectiveSpec
 
 
 @dataclass
@@ -129,9 +129,7 @@ class DistillModule(nn.Module):
         objective = self.objective
         terms, ce_weight = [], 1.0
         if objective is not None and teacher_hidden is not None:
-            terms = [
-                LogitTerm(t.kind, t.weight, t.temperature, t.beta, t.alpha) for t in objective.terms
-            ]
+            terms = objective.terms  # the recipe's own terms: validated once, at load
             ce_weight = objective.ce_weight
         if not terms:
             teacher_hidden = teacher_head = None

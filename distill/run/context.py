@@ -4,6 +4,7 @@ key of `models`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -54,11 +55,33 @@ def model_dir(ctx: RunContext, name: str) -> Path:
     return stage_dir(ctx, name) / "model"
 
 
+def read_stage_record(ctx: RunContext, name: str) -> dict | None:
+    """A finished stage's record (`stage.json`: its fingerprint and summary entry), or None."""
+    done = stage_dir(ctx, name) / STAGE_DONE
+    return json.loads(done.read_text()) if done.is_file() else None
+
+
 def _earlier_stage(ctx: RunContext, ref: str):
     for entry in ctx.entries:
         if entry["name"] == ref:
             return entry
     return None
+
+
+def root_model_key(recipe: Recipe, ref: str) -> tuple[str, list]:
+    """The `models` key a reference leads to when no earlier stage has run (`distill bench` builds
+    models fresh), following each stage's `model`; and the prune stages passed on the way."""
+    prunes = []
+    while ref not in recipe.models:
+        upstream = recipe.stage(ref)
+        if upstream.kind == "prune":
+            prunes.append(upstream)
+        ref = upstream.model
+    return ref, prunes
+
+
+def _spec_of(ctx: RunContext, ref: str) -> ModelSpec:
+    return ctx.recipe.models[root_model_key(ctx.recipe, ref)[0]]
 
 
 def ref_fingerprint(ctx: RunContext, ref: str) -> str:
@@ -75,7 +98,7 @@ def load_ref(ctx: RunContext, ref: str, what: str, dtype: str | None = None):
         return load_pretrained(
             entry["model_dir"], what=f"{what} (stage {ref!r})", dtype=dtype or "float32"
         )
-    spec: ModelSpec = ctx.recipe.models[ref]
+    spec = _spec_of(ctx, ref)
     if dtype is not None and spec.dtype == "float32":
         spec = spec.model_copy(update={"dtype": dtype})
     return build_model(spec, ctx.tokenizer, seed=ctx.recipe.seed, what=ref)
@@ -88,10 +111,11 @@ def ref_config(ctx: RunContext, ref: str):
     entry = _earlier_stage(ctx, ref)
     if entry is not None:
         return AutoConfig.from_pretrained(entry["model_dir"])
-    spec: ModelSpec = ctx.recipe.models[ref]
+    spec = _spec_of(ctx, ref)
     if spec.config is not None:
         fields = dict(spec.config)
-        fields.setdefault("vocab_size", len(ctx.tokenizer))
+        if "vocab_size" not in fields:
+            fields["vocab_size"] = len(ctx.tokenizer)
         return AutoConfig.for_model(fields.pop("model_type"), **fields)
     return AutoConfig.from_pretrained(
         os.path.expanduser(spec.path),
@@ -101,7 +125,7 @@ def ref_config(ctx: RunContext, ref: str):
 
 
 def ref_spec(ctx: RunContext, ref: str) -> ModelSpec | None:
-    return None if _earlier_stage(ctx, ref) is not None else ctx.recipe.models.get(ref)
+    return None if _earlier_stage(ctx, ref) is not None else _spec_of(ctx, ref)
 
 
 def check_model_against_tokenizer(ctx: RunContext, ref: str, model, what: str) -> None:
@@ -121,4 +145,4 @@ def check_model_against_tokenizer(ctx: RunContext, ref: str, model, what: str) -
                 ctx.tokenizer, own, "the recipe's tokenizer", f"{what} ({spec.path})"
             )
     check_head_covers_tokenizer(model, ctx.tokenizer, what)
-    check_seq_len(model, ctx.data.seq_len, what)
+    check_seq_len(model, ctx.recipe.data.seq_len, what)

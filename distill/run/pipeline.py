@@ -16,9 +16,15 @@ import time
 
 from distill.config import Recipe
 from distill.recipe_file import recipe_to_yaml
-from distill.run.context import STAGE_DONE, RunContext, ref_fingerprint, stage_dir
+from distill.run.context import (
+    STAGE_DONE,
+    RunContext,
+    read_stage_record,
+    ref_fingerprint,
+    stage_dir,
+)
 from distill.run.prepare import prepare_tokenizer_and_data
-from distill.run.prune_stage import run_prune_stage
+from distill.run.prune_stage import keeps_sparsity, run_prune_stage
 from distill.run.quant_stages import run_convert_stage, run_ptq_stage
 from distill.run.report import write_report, write_summary
 from distill.run.train_stage import run_training_stage
@@ -37,7 +43,7 @@ def run_recipe(recipe: Recipe, max_steps: int | None = None, force_resume: bool 
 
     # several processes must agree on the recipe, and the launch must suit every stage of it
     check_same_recipe(ctx.accelerator, f"{_recipe_yaml(recipe)}\nmax_steps={max_steps}")
-    check_launch(ctx.accelerator, recipe)
+    check_launch(ctx.accelerator, recipe, lambda stage: keeps_sparsity(recipe, stage))
     if ctx.is_main:
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         (ctx.out_dir / "recipe.yaml").write_text(_recipe_yaml(recipe))
@@ -85,8 +91,8 @@ def run_stage(ctx: RunContext, stage) -> dict:
     fp = stage_fingerprint(ctx, stage)
     ctx.fingerprints[stage.name] = fp
     done = stage_dir(ctx, stage.name) / STAGE_DONE
-    if done.is_file():
-        record = json.loads(done.read_text())
+    record = read_stage_record(ctx, stage.name)
+    if record is not None:
         if record.get("fingerprint") == fp:
             ctx.log(f"stage {stage.name!r} already finished with these settings; skipping")
             return record["entry"]

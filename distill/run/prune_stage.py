@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from distill.compress.prune import CALIBRATION_BATCH_SIZE, RECORD_FILE, prune_model
-from distill.config import TrainSpec
-from distill.errors import RecipeError
+from distill.compress.prune import CALIBRATION_BATCH_SIZE, RECORD_FILE, SPARSE_METHODS, prune_model
+from distill.config import Recipe, TrainSpec
+from distill.errors import RecipeError, SettingError
 from distill.models import num_layers
 from distill.objective.hidden import resolve_layer_map
 from distill.recipe_file import looks_local
@@ -29,25 +29,11 @@ def run_prune_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
     autocast = _upstream_autocast(ctx, stage.model)
     before = _heldout(ctx, model, stage, autocast)
     try:
-        result = prune_model(
-            model,
-            p.method,
-            sparsity=p.sparsity,
-            n=p.n,
-            m=p.m,
-            scoring=p.scoring,
-            scope=p.scope,
-            calibration=_calibration_batches(ctx, p.calibration_batches),
-            width_heads_fraction=p.heads_fraction,
-            width_mlp_fraction=p.mlp_fraction,
-            width_head_unit=p.head_unit,
-            depth_layers=p.layers,
-        )
-    except ValueError as err:  # sizes only known once the model is loaded (heads, layers, m)
-        message = str(err)
-        for argument, key in _PRUNE_KEYS.items():
-            message = message.replace(argument, f"prune.{key}")
-        raise RecipeError(f"stage {stage.name!r}: {message}") from None
+        result = prune_model(model, p, _calibration_batches(ctx, p.calibration_batches))
+    except SettingError as err:  # sizes only known once the model is loaded (heads, layers, m)
+        raise err.named(lambda key: f"prune.{key}", f"stage {stage.name!r}: ") from None
+    except ValueError as err:
+        raise RecipeError(f"stage {stage.name!r}: {err}") from None
     metrics = _heldout(ctx, model, stage, autocast)
     out = model_dir(ctx, stage.name)
     record = result.record(source=stage.model)
@@ -72,14 +58,6 @@ def run_prune_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
         details=record["details"],
         latency_s=_latency(ctx, model, stage),
     )
-
-
-_PRUNE_KEYS = {
-    "width_heads_fraction": "heads_fraction",
-    "width_mlp_fraction": "mlp_fraction",
-    "width_head_unit": "head_unit",
-    "depth_layers": "layers",
-}
 
 
 def _calibration_batches(ctx: RunContext, num_batches: int) -> list[torch.Tensor]:
@@ -159,26 +137,36 @@ def _layers_kept_by_depth_prune(ctx: RunContext, ref: str, teacher_layers: int) 
 def _prune_record(ctx: RunContext, ref: str) -> dict | None:
     """The prune record saved in the model dir of `ref` (an earlier stage, or a local path of
     `models`), or None when that model was not made by pruning."""
-
     entry = next((e for e in ctx.entries if e["name"] == ref), None)
-    spec = ctx.recipe.models.get(ref) if entry is None else None
-    if entry is not None:
-        path = Path(entry["model_dir"])
-    elif spec is not None and spec.path and looks_local(spec.path):
-        path = Path(spec.path).expanduser()
-    else:
-        return None
-    if not (path / RECORD_FILE).is_file():
-        return None
-    return json.loads((path / RECORD_FILE).read_text())
+    if entry is None:
+        return _models_prune_record(ctx.recipe, ref)
+    return _read_record(Path(entry["model_dir"]))
 
 
-def _keeps_sparsity(ctx: RunContext, stage) -> bool:
+def _models_prune_record(recipe: Recipe, ref: str) -> dict | None:
+    """The prune record of a local model directory named by `models.<ref>.path`, if any."""
+    spec = recipe.models.get(ref)
+    if spec is None or not spec.path or not looks_local(spec.path):
+        return None
+    return _read_record(Path(spec.path).expanduser())
+
+
+def _read_record(model_dir: Path) -> dict | None:
+    path = model_dir / RECORD_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def keeps_sparsity(recipe: Recipe, stage) -> bool:
+    """Whether a `distill` stage keeps its student's zeros (pruning recovery): `keep_sparsity`, or
+    with `auto` when the student is the output of an unstructured or N:M prune stage, or a model of
+    `models` saved by `distill prune` with such a method. Stages and the launch check both ask."""
+    if stage.kind != "distill":
+        return False
     if stage.keep_sparsity != "auto":
         return bool(stage.keep_sparsity)
-    for entry in ctx.entries:
-        if entry["name"] == stage.model:
-            return entry["kind"] == "prune" and entry.get("method") in ("magnitude", "wanda", "nm")
-    # a model of `models` saved by `distill prune` carries its prune record
-    record = _prune_record(ctx, stage.model)
-    return record is not None and record.get("method") in ("magnitude", "wanda", "nm")
+    earlier = [s for s in recipe.stages[: recipe.stages.index(stage)] if s.name == stage.model]
+    if earlier:
+        upstream = earlier[-1]
+        return upstream.kind == "prune" and upstream.prune.method in SPARSE_METHODS
+    record = _models_prune_record(recipe, stage.model)
+    return record is not None and record.get("method") in SPARSE_METHODS

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from distill.compress.fake_quant import (
-    QuantScheme,
     prepare_qat,
     remove_fake_quant,
     set_fake_quant_enabled,
@@ -19,26 +18,14 @@ from distill.compress.packed import (
     quantized_size_bytes,
     save_quantized,
 )
-from distill.config import QuantSpec
 from distill.errors import RecipeError
-from distill.models import count_params
+from distill.models import count_params, write_model_dir
 from distill.run.context import RunContext, check_model_against_tokenizer, load_ref, model_dir
 from distill.run.report import recovered_fraction
 from distill.run.stage_output import _entry, _export, _heldout, _latency
+from distill.specs import QuantSpec
 
 QUANT_FILE = "distill_quant.json"
-
-
-def _scheme(quant: QuantSpec):
-
-    return QuantScheme(
-        bits=quant.bits,
-        group_size=quant.group_size,
-        symmetric=quant.symmetric,
-        activations=quant.activations,
-        exclude=tuple(quant.exclude),
-        scale_dtype=quant.scale_dtype,
-    )
 
 
 def _prepare_fake_quant(stage, model, scheme) -> None:
@@ -84,7 +71,7 @@ def run_ptq_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
 
     model = load_ref(ctx, stage.model, "model to quantize")
     check_model_against_tokenizer(ctx, stage.model, model, f"model {stage.model!r}")
-    scheme = _scheme(stage.quant)
+    scheme = stage.quant
     before = _heldout(ctx, model, stage)  # full precision, measured the same way
     _prepare_fake_quant(stage, model, scheme)
     set_fake_quant_enabled(model, True)
@@ -118,7 +105,7 @@ def run_convert_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
             f"stage {stage.name!r}: `convert` needs a scheme: set `quant` on the stage, or convert "
             "the output of a `qat` or `ptq` stage"
         )
-    scheme = _scheme(quant)
+    scheme = quant
     model = load_ref(ctx, stage.model, "model to convert")
     params = count_params(model)  # weights, whatever their bits (the packed codes are buffers)
     float_latency_s = _latency(ctx, model, stage)  # the same generation, before conversion
@@ -128,15 +115,7 @@ def run_convert_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
         raise RecipeError(f"stage {stage.name!r} (quant): {err}") from None
     out = model_dir(ctx, stage.name)
     if ctx.is_main:
-        import shutil
-
-        tmp = out.with_name(out.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        save_quantized(model, ctx.tokenizer, tmp, scheme)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        write_model_dir(out, lambda tmp: save_quantized(model, ctx.tokenizer, tmp, scheme))
     ctx.accelerator.wait_for_everyone()
     # Measured on the model as a user gets it: reloaded from disk, CPU kernels where they exist.
     loaded = load_quantized(out)

@@ -3,12 +3,11 @@ say what it is in the summary."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
-from distill.models import count_params, dir_size_bytes
+from distill.models import count_params, dir_size_bytes, save_model_dir
 from distill.run.context import RunContext
 from distill.runtime.evaluate import generate_latency_s, heldout_metrics
 
@@ -24,20 +23,9 @@ def _capped(ctx: RunContext, spec):
 
 
 def _export(ctx: RunContext, model, out: Path, extra_files: dict | None = None) -> None:
-    """save_pretrained into a temporary folder, then rename: a model dir is whole or absent."""
-
-    if not ctx.is_main:
-        return
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    ctx.tokenizer.save_pretrained(tmp)
-    for name, content in (extra_files or {}).items():
-        (tmp / name).write_text(content)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    """The stage's model dir (with the run's tokenizer), written by the main process."""
+    if ctx.is_main:
+        save_model_dir(model, ctx.tokenizer, out, extra_files)
 
 
 def _heldout(ctx: RunContext, model, stage, autocast=None) -> dict:

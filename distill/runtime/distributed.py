@@ -239,12 +239,12 @@ def configure_deepspeed(acc, spec, hidden_size: int) -> None:
     plugin.set_deepspeed_weakref()  # transformers' zero.Init (ZeRO-3 model building) sees it
 
 
-def check_launch(acc, recipe) -> None:
+def check_launch(acc, recipe, keeps_sparsity) -> None:
     """Before anything is built: every training stage of `recipe` can run under this launch
-    (DeepSpeed settings, precision, teacher placement, what ZeRO-3 cannot honour)."""
+    (DeepSpeed settings, precision, teacher placement, what ZeRO-3 cannot honour).
+    `keeps_sparsity(stage)` says whether a stage re-applies sparsity masks (decided by the run)."""
 
     problems: list[str] = []
-    by_name = {stage.name: stage for stage in recipe.stages}
     for stage in recipe.stages:
         if stage.kind not in TRAINING_KINDS:
             continue
@@ -263,15 +263,7 @@ def check_launch(acc, recipe) -> None:
                 "matrices, which ZeRO-3 keeps partitioned. Run it with launch/zero2.yaml (or DDP); "
                 "its teacher can still be partitioned with `teacher.placement: zero3`"
             )
-        upstream = by_name.get(stage.model)
-        keeps = getattr(stage, "keep_sparsity", False)
-        if keeps == "auto":
-            keeps = bool(
-                upstream is not None
-                and upstream.kind == "prune"
-                and upstream.prune.method in ("magnitude", "wanda", "nm")
-            )
-        if stage.kind == "distill" and keeps and is_zero3(acc):
+        if keeps_sparsity(stage) and is_zero3(acc):
             problems.append(
                 f"{where}: keeping sparsity masks (a pruned student) cannot run under ZeRO-3: "
                 "the masks are re-applied to whole weight matrices after every step, which ZeRO-3 "

@@ -1,5 +1,5 @@
 """Deterministic fault injection, so tests can kill, corrupt and starve a real run at an exact
-point. Off unless the DISTILL_FAULT environment variable is set, e.g.
+point. Installed only when the DISTILL_FAULT environment variable is set (read once per stage), e.g.
 
     DISTILL_FAULT=kill_at_micro=5.1        SIGKILL itself before micro-batch 1 of step 5
     DISTILL_FAULT=slow_save=3              sleep 3 s after writing a checkpoint, before committing it
@@ -16,36 +16,42 @@ import errno
 import os
 import signal
 import time
+from dataclasses import dataclass
+
+import torch
 
 
-def _faults() -> dict[str, str]:
+@dataclass(frozen=True)
+class Faults:
+    """The faults of one DISTILL_FAULT setting; each method is a point in the loop."""
+
+    settings: dict[str, str]
+
+    def before_micro(self, step: int, micro: int) -> None:
+        if self.settings.get("kill_at_micro") == f"{step}.{micro}":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def poison(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        span = self.settings.get("nan_at")
+        if span:
+            lo, _, hi = span.partition("-")
+            if int(lo) <= step <= int(hi or lo):
+                return loss * float("nan")
+        return loss
+
+    def during_save(self, step: int) -> None:
+        if self.settings.get("enospc_at_save") == str(step):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if "slow_save" in self.settings:
+            time.sleep(float(self.settings["slow_save"]))
+
+    def after_step(self) -> None:
+        if "step_sleep" in self.settings:
+            time.sleep(float(self.settings["step_sleep"]))
+
+
+def from_env() -> Faults | None:
+    """The faults DISTILL_FAULT asks for, or None (the production loop then calls nothing)."""
     text = os.environ.get("DISTILL_FAULT", "")
-    return dict(item.split("=", 1) for item in text.split(",") if "=" in item)
-
-
-def before_micro(step: int, micro: int) -> None:
-    at = _faults().get("kill_at_micro")
-    if at and at == f"{step}.{micro}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def loss_is_poisoned(step: int) -> bool:
-    span = _faults().get("nan_at")
-    if not span:
-        return False
-    lo, _, hi = span.partition("-")
-    return int(lo) <= step <= int(hi or lo)
-
-
-def during_save(step: int) -> None:
-    faults = _faults()
-    if faults.get("enospc_at_save") == str(step):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    if "slow_save" in faults:
-        time.sleep(float(faults["slow_save"]))
-
-
-def after_step() -> None:
-    pause = _faults().get("step_sleep")
-    if pause:
-        time.sleep(float(pause))
+    settings = dict(item.split("=", 1) for item in text.split(",") if "=" in item)
+    return Faults(settings) if settings else None

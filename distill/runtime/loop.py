@@ -8,6 +8,7 @@ hooks, log, evaluate, save.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import sys
@@ -25,7 +26,6 @@ from distill.data import BatchOrder
 from distill.errors import CheckpointError, StopRequested, TrainingDiverged
 from distill.models import causal_lm_of, is_partitioned
 from distill.objective.module import DistillModule, teacher_forward
-from distill.runtime import faults
 from distill.runtime.checkpoint import (
     STATE,
     check_free_space,
@@ -41,6 +41,7 @@ from distill.runtime.checkpoint import (
 )
 from distill.runtime.distributed import register_head
 from distill.runtime.evaluate import heldout_metrics
+from distill.runtime.faults import Faults, from_env
 from distill.runtime.signals import SignalWatch
 from distill.tracking import Tracker
 
@@ -126,7 +127,6 @@ class TrainResult:
     eval: dict
     tokens_per_s: float
     skipped_steps: int = 0
-    resumed_from: str | None = None
 
 
 def autocast_for(spec: TrainSpec, device: torch.device):
@@ -136,24 +136,25 @@ def autocast_for(spec: TrainSpec, device: torch.device):
 
 
 def train(job: TrainJob) -> TrainResult:
+    """Resume, then for each optimizer step: `train_step`, hooks, log, evaluate, save."""
     acc, spec = job.accelerator, job.spec
-    world, rank = acc.num_processes, acc.process_index
-    device = acc.device
     if job.teacher is not None and not is_partitioned(job.teacher):  # ZeRO-3: placed by DS
-        job.teacher.to(device)
+        job.teacher.to(acc.device)
     optimizer = torch.optim.AdamW(
         param_groups(job.module, spec.weight_decay), lr=spec.lr, betas=tuple(spec.betas)
     )
     register_head(acc, job.module, causal_lm_of(job.module.student).get_output_embeddings().weight)
     module, optimizer = acc.prepare(job.module, optimizer)
-    order = BatchOrder(len(job.train_blocks), spec.batch_size, spec.grad_accum, world, job.seed)
+    order = BatchOrder(
+        len(job.train_blocks), spec.batch_size, spec.grad_accum, acc.num_processes, job.seed
+    )
     ckpt_root = job.stage_dir / "checkpoints"
     state = {"step": 0, "tokens": 0, "bad_steps": 0, "skipped_steps": 0}
-    resumed_from = _resume(job, acc, state, ckpt_root)
-    want_states = bool(job.module.objective and job.module.objective.hidden)
-    autocast = autocast_for(spec, device)
+    _resume(job, acc, state, ckpt_root)
+    faults = from_env()
+    autocast = autocast_for(spec, acc.device)
     t0, tokens_at_t0 = time.perf_counter(), state["tokens"]
-    window_t, window_tokens = t0, state["tokens"]
+    window = (t0, state["tokens"])
     eval_metrics: dict = {}
     progress = _progress(acc, spec.max_steps, state["step"])
 
@@ -163,83 +164,28 @@ def train(job: TrainJob) -> TrainResult:
             if job.hooks.before_step:
                 job.hooks.before_step(step, acc.unwrap_model(module))
             lr = lr_at(step, spec)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            micro_batches = [
-                job.train_blocks[order.indices(step, a, rank)].to(device)
+            batches = [
+                job.train_blocks[order.indices(step, a, acc.process_index)].to(acc.device)
                 for a in range(spec.grad_accum)
             ]
-            # Every token of the global step weighs the same, whatever the micro-batch or rank:
-            # each backward gets sum/global_count, scaled back up for DDP's mean over ranks and
-            # accelerate's division by grad_accum.
-            local_count = sum(int((mb[:, 1:] != -100).sum()) for mb in micro_batches)
-            global_count = int(acc.reduce(torch.tensor(local_count, device=device), "sum"))
-            scale = world * spec.grad_accum / max(global_count, 1)
-            term_sums: dict[str, torch.Tensor] = {}
-            loss_sum = torch.zeros((), device=device)
-            for micro, mb in enumerate(micro_batches):
-                faults.before_micro(step, micro)
-                teacher_out = None
-                if job.teacher is not None:
-                    teacher_out = teacher_forward(job.teacher, mb, want_states, autocast)
-                with acc.accumulate(module):
-                    with autocast:
-                        total, parts, _ = module(mb, teacher_out)
-                    if faults.loss_is_poisoned(step):
-                        total = total * float("nan")
-                    acc.backward(total * scale)
-                loss_sum += total.detach().float()
-                for k, v in parts.items():
-                    term_sums[k] = term_sums.get(k, 0) + v.detach().float()
-            grad_norm = _clip(acc, module, spec.max_grad_norm)
-            loss_global = acc.reduce(loss_sum, "sum") / max(global_count, 1)
-            finite = _all_finite(acc, loss_global, grad_norm, device)
-            if finite:
-                optimizer.step()
-                state["bad_steps"] = 0
-            else:
-                state["bad_steps"] += 1
-                state["skipped_steps"] += 1
-                job.log(
-                    f"step {step}: non-finite loss ({float(loss_global):.4g}) or grad norm "
-                    f"({_f(grad_norm)}); skipping this optimizer step on every rank"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            if job.hooks.after_optimizer_step:
-                job.hooks.after_optimizer_step(acc.unwrap_model(module))
-            state["step"] = step + 1
-            state["tokens"] += global_count
-            faults.after_step()
-            if state["bad_steps"] >= spec.max_bad_steps:
-                last = find_latest_valid(ckpt_root)
-                raise TrainingDiverged(
-                    f"{state['bad_steps']} consecutive steps with a non-finite loss or gradient "
-                    f"norm (last at step {step}); the last good checkpoint is {last or 'none'}. "
-                    "Lower `train.lr`, check the data, or use `train.precision: fp32`."
-                )
+            out = train_step(
+                acc, module, optimizer, job.teacher, batches, spec, lr, autocast, faults
+            )
+            _after_step(job, acc, module, state, out, step, ckpt_root)
+            if faults:
+                faults.after_step()
             if state["step"] % spec.log_every == 0 or state["step"] == spec.max_steps:
-                now = time.perf_counter()
-                row = {"loss": float(loss_global), "lr": lr, "grad_norm": _f(grad_norm)}
-                for k, v in term_sums.items():
-                    row[f"loss_{k}"] = float(acc.reduce(v, "sum")) / max(global_count, 1)
-                row["tokens"] = state["tokens"]
-                row["tokens_per_s"] = (state["tokens"] - window_tokens) / max(now - window_t, 1e-9)
-                row["epoch"] = order.epoch_of(state["step"])
-                if not finite:
-                    row["skipped"] = 1
-                window_t, window_tokens = now, state["tokens"]
-                job.tracker.log(row, step=state["step"])
-                _report(acc, progress, row, state["step"], spec.max_steps, job.log)
+                window = _log_step(job, acc, progress, order, state, out, lr, window)
             if (
                 spec.eval_every
                 and state["step"] % spec.eval_every == 0
-                and (state["step"] < spec.max_steps)
+                and state["step"] < spec.max_steps
             ):
                 eval_metrics = evaluate_heldout(job, module, autocast, spec.eval_batches)
                 job.tracker.log({f"eval/{k}": v for k, v in eval_metrics.items()}, state["step"])
-            stop = _any(acc, signals.requested, device)
+            stop = _any(acc, signals.requested, acc.device)
             if (spec.save_every and state["step"] % spec.save_every == 0) or stop:
-                path = save_checkpoint(job, acc, state, ckpt_root)
+                path = save_checkpoint(job, acc, state, ckpt_root, faults)
                 if stop:
                     _close_progress(progress)
                     raise StopRequested(path)
@@ -249,7 +195,7 @@ def train(job: TrainJob) -> TrainResult:
     eval_metrics = evaluate_heldout(job, module, autocast, None)
     job.tracker.log({f"eval/{k}": v for k, v in eval_metrics.items()}, state["step"])
     if not (spec.save_every and state["step"] % spec.save_every == 0):
-        save_checkpoint(job, acc, state, ckpt_root)
+        save_checkpoint(job, acc, state, ckpt_root, faults)
     tokens_run = state["tokens"] - tokens_at_t0
     return TrainResult(
         steps=state["step"],
@@ -258,8 +204,115 @@ def train(job: TrainJob) -> TrainResult:
         eval=eval_metrics,
         tokens_per_s=tokens_run / max(wall, 1e-9),
         skipped_steps=state["skipped_steps"],
-        resumed_from=str(resumed_from) if resumed_from else None,
     )
+
+
+@dataclass
+class StepOutput:
+    """One optimizer step's numbers. Tensors stay on the device until a log step reads them."""
+
+    loss: torch.Tensor
+    """Mean loss per token over the global step (reduced over ranks)."""
+    term_sums: dict[str, torch.Tensor]
+    """This rank's unweighted sums of each loss term (reduced when logged)."""
+    grad_norm: torch.Tensor | None
+    tokens: int
+    """Valid tokens of the global step."""
+    finite: bool
+    """Loss and gradient norm were finite on every rank (else the optimizer step was skipped)."""
+
+
+def train_step(
+    acc,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    teacher: nn.Module | None,
+    batches: list[torch.Tensor],
+    spec: TrainSpec,
+    lr: float,
+    autocast,
+    faults: Faults | None = None,
+    step: int = 0,
+) -> StepOutput:
+    """Forward and backward every micro-batch of one optimizer step, clip, step (unless a loss or
+    gradient is not finite on some rank), zero the gradients.
+
+    Two host reads per step, both needed to decide something: the step's global token count
+    (every backward is scaled by it) and whether every rank's loss and gradient norm are finite.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    inner = acc.unwrap_model(module)
+    want_states = bool(inner.objective and inner.objective.hidden)
+    # Every token of the global step weighs the same, whatever the micro-batch or rank: each
+    # backward gets sum/global_count, scaled back up for DDP's mean over ranks and accelerate's
+    # division by grad_accum.
+    local_count = sum((mb[:, 1:] != -100).sum() for mb in batches)
+    global_count = int(acc.reduce(local_count, "sum"))
+    scale = acc.num_processes * spec.grad_accum / max(global_count, 1)
+    term_sums: dict[str, torch.Tensor] = {}
+    loss_sum = torch.zeros((), device=acc.device)
+    for micro, mb in enumerate(batches):
+        if faults:
+            faults.before_micro(step, micro)
+        teacher_out = teacher_forward(teacher, mb, want_states, autocast) if teacher else None
+        with acc.accumulate(module):
+            with autocast:
+                total, parts, _ = module(mb, teacher_out)
+            if faults:
+                total = faults.poison(step, total)
+            acc.backward(total * scale)
+        loss_sum += total.detach().float()
+        for k, v in parts.items():
+            term_sums[k] = term_sums.get(k, 0) + v.detach().float()
+    grad_norm = _clip(acc, module, spec.max_grad_norm)
+    loss = acc.reduce(loss_sum, "sum") / max(global_count, 1)
+    finite = _all_finite(acc, loss, grad_norm)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutput(loss, term_sums, grad_norm, global_count, finite)
+
+
+def _after_step(job: TrainJob, acc, module, state: dict, out: StepOutput, step: int, root) -> None:
+    """Hooks, counters, and the stop after too many non-finite steps in a row."""
+    if out.finite:
+        state["bad_steps"] = 0
+    else:
+        state["bad_steps"] += 1
+        state["skipped_steps"] += 1
+        job.log(
+            f"step {step}: non-finite loss ({float(out.loss):.4g}) or grad norm "
+            f"({_f(out.grad_norm)}); skipping this optimizer step on every rank"
+        )
+    if job.hooks.after_optimizer_step:
+        job.hooks.after_optimizer_step(acc.unwrap_model(module))
+    state["step"] = step + 1
+    state["tokens"] += out.tokens
+    if state["bad_steps"] >= job.spec.max_bad_steps:
+        last = find_latest_valid(root)
+        raise TrainingDiverged(
+            f"{state['bad_steps']} consecutive steps with a non-finite loss or gradient "
+            f"norm (last at step {step}); the last good checkpoint is {last or 'none'}. "
+            "Lower `train.lr`, check the data, or use `train.precision: fp32`."
+        )
+
+
+def _log_step(job: TrainJob, acc, progress, order, state: dict, out: StepOutput, lr, window):
+    """Read the step's numbers back (reduced over ranks) and log them; returns the new window."""
+    now = time.perf_counter()
+    window_t, window_tokens = window
+    row = {"loss": float(out.loss), "lr": lr, "grad_norm": _f(out.grad_norm)}
+    for k, v in out.term_sums.items():
+        row[f"loss_{k}"] = float(acc.reduce(v, "sum")) / max(out.tokens, 1)
+    row["tokens"] = state["tokens"]
+    row["tokens_per_s"] = (state["tokens"] - window_tokens) / max(now - window_t, 1e-9)
+    row["epoch"] = order.epoch_of(state["step"])
+    if not out.finite:
+        row["skipped"] = 1
+    job.tracker.log(row, step=state["step"])
+    _report(acc, progress, row, state["step"], job.spec.max_steps, job.log)
+    return now, state["tokens"]
 
 
 def _f(x) -> float:
@@ -271,11 +324,14 @@ def _clip(acc, module, max_norm: float):
     return norm if norm is None else torch.as_tensor(norm, dtype=torch.float32)
 
 
-def _all_finite(acc, loss, grad_norm, device) -> bool:
-    bad = (not torch.isfinite(loss).all()) or (
-        grad_norm is not None and not torch.isfinite(grad_norm).all()
-    )
-    return not _any(acc, bad, device)
+def _all_finite(acc, loss, grad_norm) -> bool:
+    """One host read: are the loss and gradient norm finite on every rank."""
+    bad = ~torch.isfinite(loss).all()
+    if grad_norm is not None:
+        bad = bad | ~torch.isfinite(grad_norm).all()
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad.float(), "sum") > 0
+    return not bool(bad)
 
 
 def _any(acc, flag: bool, device) -> bool:
@@ -334,8 +390,7 @@ def _close_progress(progress) -> None:
         progress.close()
 
 
-def save_checkpoint(job: TrainJob, acc, state: dict, root: Path) -> Path:
-    import json
+def save_checkpoint(job: TrainJob, acc, state: dict, root: Path, faults: Faults | None) -> Path:
 
     step = state["step"]
     tmp = tmp_dir_for(root, step)
@@ -348,7 +403,8 @@ def save_checkpoint(job: TrainJob, acc, state: dict, root: Path) -> Path:
     path = root / checkpoint_name(step)
     try:
         acc.save_state(str(tmp), safe_serialization=False)
-        faults.during_save(step)
+        if faults:
+            faults.during_save(step)
         acc.wait_for_everyone()
         if acc.is_main_process:
             meta = {
