@@ -165,11 +165,11 @@ def cmd_run(args) -> int:
     from distill.run.pipeline import run_recipe
 
     recipe = _load(args)
-    entries = run_recipe(recipe, max_steps=args.max_steps, force_resume=args.force_resume)
+    results = run_recipe(recipe, max_steps=args.max_steps, force_resume=args.force_resume)
     out = recipe.resolved_output_dir
     if _is_main_rank():
         print(
-            f"done: {len(entries)} stages; summary {out / 'summary.json'}, report {out / 'report.md'}"
+            f"done: {len(results)} stages; summary {out / 'summary.json'}, report {out / 'report.md'}"
         )
     return 0
 

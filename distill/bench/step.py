@@ -21,6 +21,7 @@ from distill.models import (
 from distill.objective.module import teacher_forward
 from distill.run.assemble import TrainingRun, assemble_training_run
 from distill.run.context import RunContext, read_stage_record, ref_config, root_model_key
+from distill.run.results import StageResult
 from distill.runtime.loop import autocast_for, lr_at, param_groups, train_step
 
 
@@ -77,8 +78,8 @@ def bench_context(recipe: Recipe, stage, notes: list[str]) -> RunContext:
     for earlier in recipe.stages[: recipe.stages.index(stage)]:
         record = read_stage_record(ctx, earlier.name)
         if record is not None:
-            ctx.entries.append(record["entry"])
-    finished = {entry["name"] for entry in ctx.entries}
+            ctx.results.append(StageResult.from_json(record["entry"]))
+    finished = {result.name for result in ctx.results}
     for ref in {stage.model, stage.teacher_model} - {None} - finished:
         for pruned in root_model_key(recipe, ref)[1]:
             if pruned.prune.method in ("width", "depth") and pruned.name not in finished:

@@ -226,6 +226,7 @@ def chunked_logit_objective(
     teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
     vocab_size: int | None = None,
     chunk_size: int = 1024,
+    all_valid: bool = False,
 ) -> ObjectiveOutput:
     """CE plus logit-distillation terms from hidden states, never holding [N, V] logits.
 
@@ -235,7 +236,9 @@ def chunked_logit_objective(
     T = 1, indices [N, k]), or neither (CE only: ``terms`` must be empty). Rows of either head at
     index >= ``vocab_size`` are ignored. Masked rows are dropped up front (one host sync), so only
     valid tokens cost compute; peak extra memory is O(chunk_size x vocab_size). Gradients reach
-    ``student_hidden`` and ``student_head_weight`` (when they require grad) only.
+    ``student_hidden`` and ``student_head_weight`` (when they require grad) only. ``all_valid``
+    promises that every label is a token id below ``vocab_size`` (packed training blocks): the
+    masking and the range check, the two reads back to the host, are then skipped.
     """
     terms = tuple(terms)
     has_teacher_head, teacher_rows = _check_inputs(
@@ -251,9 +254,13 @@ def chunked_logit_objective(
     )
     vocab = _resolve_vocab(vocab_size, student_head_weight.shape[0], teacher_rows)
 
-    rows = _valid_rows(labels)
-    valid_labels = _select_rows(labels, rows).long()
-    _check_index_range("labels", valid_labels, vocab, "labels must be token ids or -100")
+    if all_valid:
+        rows = torch.arange(labels.shape[0], device=labels.device)  # no host read: shape only
+        valid_labels = labels.long()
+    else:
+        rows = _valid_rows(labels)
+        valid_labels = _select_rows(labels, rows).long()
+        _check_index_range("labels", valid_labels, vocab, "labels must be token ids or -100")
     # index_select is differentiable: autograd scatters the valid rows' gradient back, zeros elsewhere.
     hidden = _select_rows(student_hidden, rows)
     weight = student_head_weight[:vocab]

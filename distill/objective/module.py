@@ -85,6 +85,7 @@ class DistillModule(nn.Module):
         objective = self.objective
         want_states = bool(teacher is not None and objective and objective.hidden)
         out = backbone_of(self.student)(input_ids=input_ids, output_hidden_states=want_states)
+        all_valid = labels is None  # the blocks' own ids: every label is a token of the vocab
         if labels is None:
             labels = input_ids
         # position t predicts token t+1
@@ -97,7 +98,7 @@ class DistillModule(nn.Module):
         if teacher is not None and objective is not None and objective.terms:
             t_hidden = teacher.hidden[:, :-1].reshape(-1, teacher.hidden.shape[-1])
             t_head = teacher.head_weight
-        result = self.logit_objective(hidden, head, shifted, t_hidden, t_head)
+        result = self.logit_objective(hidden, head, shifted, t_hidden, t_head, all_valid)
         total, parts = result.total, dict(result.terms)
         if want_states:
             mask = torch.zeros_like(labels, dtype=torch.bool)
@@ -122,6 +123,7 @@ class DistillModule(nn.Module):
         labels: torch.Tensor,
         teacher_hidden: torch.Tensor | None = None,
         teacher_head: torch.Tensor | None = None,
+        all_valid: bool = False,
     ):
         """CE + logit terms (sums, a `ObjectiveOutput`) from final hidden states [N, H] and
         aligned labels [N], by the objective's path; `distill bench` also measures it alone."""
@@ -156,4 +158,5 @@ class DistillModule(nn.Module):
             teacher_head_weight=teacher_head,
             vocab_size=self.vocab_size,
             chunk_size=self.chunk_size,
+            all_valid=all_valid,
         )

@@ -9,6 +9,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distill.config import ModelSpec, Recipe
 from distill.errors import RecipeError
@@ -21,22 +22,36 @@ from distill.models import (
     load_pretrained,
     load_tokenizer,
 )
+from distill.run.results import StageResult
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
+    from distill.data import PackedData
 
 STAGE_DONE = "stage.json"
 
 
 @dataclass
 class RunContext:
+    """A run of a recipe, as its stages see it."""
+
     recipe: Recipe
     out_dir: Path
     max_steps: int | None = None
+    """`--max-steps`: every training stage capped at this many steps."""
     force_resume: bool = False
-    accelerator: object = None
-    tokenizer: object = None
-    data: object = None
+    accelerator: Accelerator | None = None
+    """The run's process group (barriers, the main process); a training stage trains under an
+    accelerator of its own."""
+    tokenizer: PreTrainedTokenizerBase | None = None
+    data: PackedData | None = None
     data_fingerprint: str = ""
     fingerprints: dict[str, str] = field(default_factory=dict)
-    entries: list[dict] = field(default_factory=list)
+    """Stage name -> fingerprint of its settings and everything upstream."""
+    results: list[StageResult] = field(default_factory=list)
+    """The stages finished so far, in order."""
 
     @property
     def is_main(self) -> bool:
@@ -62,9 +77,9 @@ def read_stage_record(ctx: RunContext, name: str) -> dict | None:
 
 
 def _earlier_stage(ctx: RunContext, ref: str):
-    for entry in ctx.entries:
-        if entry["name"] == ref:
-            return entry
+    for result in ctx.results:
+        if result.name == ref:
+            return result
     return None
 
 
@@ -96,7 +111,7 @@ def load_ref(ctx: RunContext, ref: str, what: str, dtype: str | None = None):
     entry = _earlier_stage(ctx, ref)
     if entry is not None:
         return load_pretrained(
-            entry["model_dir"], what=f"{what} (stage {ref!r})", dtype=dtype or "float32"
+            entry.model_dir, what=f"{what} (stage {ref!r})", dtype=dtype or "float32"
         )
     spec = _spec_of(ctx, ref)
     if dtype is not None and spec.dtype == "float32":
@@ -110,7 +125,7 @@ def ref_config(ctx: RunContext, ref: str):
 
     entry = _earlier_stage(ctx, ref)
     if entry is not None:
-        return AutoConfig.from_pretrained(entry["model_dir"])
+        return AutoConfig.from_pretrained(entry.model_dir)
     spec = _spec_of(ctx, ref)
     if spec.config is not None:
         fields = dict(spec.config)

@@ -14,7 +14,7 @@ import json
 import shutil
 import time
 
-from distill.config import Recipe
+from distill.config import TRAINING_KINDS, Recipe
 from distill.recipe_file import recipe_to_yaml
 from distill.run.context import (
     STAGE_DONE,
@@ -27,14 +27,16 @@ from distill.run.prepare import prepare_tokenizer_and_data
 from distill.run.prune_stage import keeps_sparsity, run_prune_stage
 from distill.run.quant_stages import run_convert_stage, run_ptq_stage
 from distill.run.report import write_report, write_summary
+from distill.run.results import StageResult
 from distill.run.train_stage import run_training_stage
 from distill.runtime import distributed
 from distill.runtime.distributed import check_launch, check_same_recipe
 
 
-def run_recipe(recipe: Recipe, max_steps: int | None = None, force_resume: bool = False) -> list:
-    """Run every stage of `recipe`; returns the summary entries."""
-    from accelerate import Accelerator
+def run_recipe(
+    recipe: Recipe, max_steps: int | None = None, force_resume: bool = False
+) -> list[StageResult]:
+    """Run every stage of `recipe`; returns what each produced."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-shard save/load bars drown the training log
@@ -47,18 +49,16 @@ def run_recipe(recipe: Recipe, max_steps: int | None = None, force_resume: bool 
     if ctx.is_main:
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         (ctx.out_dir / "recipe.yaml").write_text(_recipe_yaml(recipe))
-    assert isinstance(ctx.accelerator, Accelerator)
     prepare_tokenizer_and_data(ctx)
     for stage in recipe.stages:
-        entry = run_stage(ctx, stage)
-        ctx.entries.append(entry)
+        ctx.results.append(run_stage(ctx, stage))
         if ctx.is_main:
-            write_summary(ctx.out_dir / "summary.json", ctx.entries)
+            write_summary(ctx.out_dir / "summary.json", [r.to_json() for r in ctx.results])
     if ctx.is_main:
-        report = write_report(ctx.out_dir, recipe.name, ctx.entries)
+        report = write_report(ctx.out_dir, recipe.name, [r.to_json() for r in ctx.results])
         ctx.log(f"report: {report}")
     ctx.accelerator.wait_for_everyone()
-    return ctx.entries
+    return ctx.results
 
 
 def _recipe_yaml(recipe: Recipe) -> str:
@@ -87,15 +87,14 @@ def stage_fingerprint(ctx: RunContext, stage) -> str:
     )
 
 
-def run_stage(ctx: RunContext, stage) -> dict:
+def run_stage(ctx: RunContext, stage) -> StageResult:
     fp = stage_fingerprint(ctx, stage)
     ctx.fingerprints[stage.name] = fp
-    done = stage_dir(ctx, stage.name) / STAGE_DONE
     record = read_stage_record(ctx, stage.name)
     if record is not None:
         if record.get("fingerprint") == fp:
             ctx.log(f"stage {stage.name!r} already finished with these settings; skipping")
-            return record["entry"]
+            return StageResult.from_json(record["entry"])
         previous = stage_dir(ctx, stage.name).with_name(
             f"{stage.name}.previous-{record.get('fingerprint')}"
         )
@@ -115,24 +114,23 @@ def run_stage(ctx: RunContext, stage) -> dict:
         stage_dir(ctx, stage.name).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     runner = RUNNERS[stage.kind]
-    entry = runner(ctx, stage, fp)
-    if "wall_s" in entry:  # the training loop's own time; the stage's includes load/eval/export
-        entry["train_wall_s"] = entry["wall_s"]
-    entry["wall_s"] = time.perf_counter() - t0
-    entry = {"name": stage.name, "kind": stage.kind, **entry}
+    result = runner(ctx, stage, fp)
+    if result.kind in TRAINING_KINDS:  # the loop's own time; the stage's includes load/eval/export
+        result.train_wall_s = result.wall_s
+    result.wall_s = time.perf_counter() - t0
     if stage.compare_to:
-        entry["compare_to"] = stage.compare_to
+        result.compare_to = stage.compare_to
     if ctx.is_main:
+        done = stage_dir(ctx, stage.name) / STAGE_DONE
         tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fingerprint": fp, "entry": entry}, indent=2))
+        tmp.write_text(json.dumps({"fingerprint": fp, "entry": result.to_json()}, indent=2))
         tmp.replace(done)
-        ppl = (entry.get("eval") or {}).get("perplexity")
         ctx.log(
-            f"stage {stage.name!r} done in {entry['wall_s']:.1f} s"
-            + (f": held-out perplexity {ppl:.2f}" if ppl else "")
+            f"stage {stage.name!r} done in {result.wall_s:.1f} s: held-out perplexity "
+            f"{result.perplexity:.2f}"
         )
     ctx.accelerator.wait_for_everyone()
-    return entry
+    return result
 
 
 RUNNERS = {

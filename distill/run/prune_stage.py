@@ -15,11 +15,12 @@ from distill.objective.hidden import resolve_layer_map
 from distill.recipe_file import looks_local
 from distill.run.context import RunContext, check_model_against_tokenizer, load_ref, model_dir
 from distill.run.report import recovered_fraction
+from distill.run.results import StageResult
 from distill.run.stage_output import _entry, _export, _heldout, _latency
 from distill.runtime.loop import autocast_for
 
 
-def run_prune_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
+def run_prune_stage(ctx: RunContext, stage, fingerprint: str) -> StageResult:
     """Prune the model, measure it before and after, save it with its prune record."""
 
     p = stage.prune
@@ -78,7 +79,7 @@ def _upstream_autocast(ctx: RunContext, ref: str):
     not mixed with the bf16-vs-fp32 difference.
     """
 
-    earlier = {entry["name"] for entry in ctx.entries}
+    earlier = {result.name for result in ctx.results}
     while ref in earlier:
         source = ctx.recipe.stage(ref)
         if hasattr(source, "train"):
@@ -91,13 +92,13 @@ def _recovery_extra(ctx: RunContext, stage, perplexity: float) -> dict:
     """For a `distill` stage whose student is a prune stage's output (pruning recovery): the prune
     stage to compare with, and the share of the perplexity it lost that training won back."""
 
-    pruned = next((e for e in ctx.entries if e["name"] == stage.model), None)
-    if pruned is None or pruned["kind"] != "prune":
+    pruned = next((r for r in ctx.results if r.name == stage.model), None)
+    if pruned is None or pruned.kind != "prune":
         return {}
     return {
-        "compare_to": pruned["name"],
+        "compare_to": pruned.name,
         "recovered_fraction": recovered_fraction(
-            pruned["perplexity_before"], pruned["eval"]["perplexity"], perplexity
+            pruned.perplexity_before, pruned.perplexity, perplexity
         ),
     }
 
@@ -137,10 +138,10 @@ def _layers_kept_by_depth_prune(ctx: RunContext, ref: str, teacher_layers: int) 
 def _prune_record(ctx: RunContext, ref: str) -> dict | None:
     """The prune record saved in the model dir of `ref` (an earlier stage, or a local path of
     `models`), or None when that model was not made by pruning."""
-    entry = next((e for e in ctx.entries if e["name"] == ref), None)
+    entry = next((r for r in ctx.results if r.name == ref), None)
     if entry is None:
         return _models_prune_record(ctx.recipe, ref)
-    return _read_record(Path(entry["model_dir"]))
+    return _read_record(Path(entry.model_dir))
 
 
 def _models_prune_record(recipe: Recipe, ref: str) -> dict | None:

@@ -22,6 +22,7 @@ from distill.errors import RecipeError
 from distill.models import count_params, write_model_dir
 from distill.run.context import RunContext, check_model_against_tokenizer, load_ref, model_dir
 from distill.run.report import recovered_fraction
+from distill.run.results import StageResult
 from distill.run.stage_output import _entry, _export, _heldout, _latency
 from distill.specs import QuantSpec
 
@@ -37,35 +38,31 @@ def _prepare_fake_quant(stage, model, scheme) -> None:
         raise RecipeError(f"stage {stage.name!r} (quant): {err}") from None
 
 
-def _qat_extra(ctx: RunContext, stage, scheme_name: str, perplexity: float) -> dict:
+def _qat_extra(ctx: RunContext, stage, scheme_name: str, perplexity: float) -> StageResult:
     """Scheme, start of fake quantization, and what QAT won back over the `ptq` stage of the same
     scheme and starting model, when the recipe has one."""
 
     extra = {"scheme": scheme_name, "fake_quant_after": stage.fake_quant_after}
-    for entry in reversed(ctx.entries):
-        if (
-            entry["kind"] == "ptq"
-            and entry.get("scheme") == scheme_name
-            and entry.get("from") == stage.model
-        ):
-            extra["compare_to"] = entry["name"]
+    for result in reversed(ctx.results):
+        if result.kind == "ptq" and result.scheme == scheme_name and result.source == stage.model:
+            extra["compare_to"] = result.name
             extra["recovered_fraction"] = recovered_fraction(
-                entry["perplexity_before"], entry["eval"]["perplexity"], perplexity
+                result.perplexity_before, result.perplexity, perplexity
             )
             break
     return extra
 
 
 def _stage_quant(ctx: RunContext, ref: str) -> QuantSpec | None:
-    for entry in ctx.entries:
-        if entry["name"] == ref:
-            path = Path(entry["model_dir"]) / QUANT_FILE
+    for result in ctx.results:
+        if result.name == ref:
+            path = Path(result.model_dir) / QUANT_FILE
             if path.is_file():
                 return QuantSpec.model_validate_json(path.read_text())
     return None
 
 
-def run_ptq_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
+def run_ptq_stage(ctx: RunContext, stage, fingerprint: str) -> StageResult:
     """Fake-quantize the model and evaluate it (fp32, no training): the baseline QAT must beat.
     Writes the float weights and the scheme, which a `convert` stage can turn into packed ones."""
 
@@ -97,7 +94,7 @@ def run_ptq_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
     )
 
 
-def run_convert_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
+def run_convert_stage(ctx: RunContext, stage, fingerprint: str) -> StageResult:
 
     quant = stage.quant or _stage_quant(ctx, stage.model)
     if quant is None:
@@ -125,17 +122,17 @@ def run_convert_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
     latency_s = None
     if float_latency_s is not None:
         latency_s = _latency(ctx, load_quantized(out, dtype=torch.bfloat16), stage)
-    entry = {
-        "model_dir": str(out),
-        "from": stage.model,
-        "params": params,
-        "size_bytes": quantized_size_bytes(out),
-        "eval": {"perplexity": metrics["perplexity"], "loss": metrics["loss"]},
-        "scheme": scheme.name(),
-        "compare_to": stage.model,
-        "steps": 0,
-        "latency_s": latency_s,
-        "latency_dtype": "bfloat16" if latency_s is not None else None,
-        "float_latency_s": float_latency_s,
-    }
-    return {k: v for k, v in entry.items() if v is not None}
+    return _entry(
+        ctx,
+        stage,
+        loaded,
+        out,
+        metrics,
+        params=params,
+        size_bytes=quantized_size_bytes(out),
+        scheme=scheme.name(),
+        compare_to=stage.model,
+        latency_s=latency_s,
+        latency_dtype="bfloat16" if latency_s is not None else None,
+        float_latency_s=float_latency_s,
+    )

@@ -9,6 +9,7 @@ import torch
 
 from distill.models import count_params, dir_size_bytes, save_model_dir
 from distill.run.context import RunContext
+from distill.run.results import StageResult
 from distill.runtime.evaluate import generate_latency_s, heldout_metrics
 
 
@@ -42,17 +43,22 @@ def _latency(ctx: RunContext, model, stage) -> float | None:
     return generate_latency_s(model, ctx.data.eval[:1, :16], ev.latency_tokens)
 
 
-def _entry(ctx: RunContext, stage, model, out: Path, metrics: dict, **extra) -> dict:
-    return {
-        "model_dir": str(out),
-        "from": stage.model,
-        "params": count_params(model),
-        "size_bytes": dir_size_bytes(out),
-        "eval": {"perplexity": metrics["perplexity"], "loss": metrics["loss"]},
+def _entry(ctx: RunContext, stage, model, out: Path, metrics: dict, **extra) -> StageResult:
+    """The stage's result: its model dir, size, held-out metrics, and `extra` (StageResult
+    fields)."""
+    return StageResult(
+        name=stage.name,
+        kind=stage.kind,
+        model_dir=str(out),
+        source=stage.model,
+        params=extra.pop("params", None) or count_params(model),
+        size_bytes=extra.pop("size_bytes", None) or dir_size_bytes(out),
+        perplexity=metrics["perplexity"],
+        loss=metrics["loss"],
         # a float stage's scheme is the dtype of its stored weights ("fp32", "bf16")
-        "scheme": extra.pop("scheme", None) or _float_scheme(model),
-        **{k: v for k, v in extra.items() if v is not None},
-    }
+        scheme=extra.pop("scheme", None) or _float_scheme(model),
+        **extra,
+    )
 
 
 def _float_scheme(model) -> str:

@@ -16,6 +16,7 @@ from distill.run.assemble import TrainingRun, assemble_training_run
 from distill.run.context import RunContext, model_dir, ref_config, stage_dir
 from distill.run.prune_stage import _recovery_extra
 from distill.run.quant_stages import QUANT_FILE, _qat_extra
+from distill.run.results import StageResult
 from distill.run.stage_output import _capped, _entry, _eval_spec, _export, _heldout, _latency
 from distill.runtime import distributed
 from distill.runtime.checkpoint import find_latest_valid, read_state
@@ -25,11 +26,11 @@ from distill.runtime.loop import TrainJob, TrainResult, train
 from distill.tracking import Tracker
 
 
-def run_training_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
+def run_training_stage(ctx: RunContext, stage, fingerprint: str) -> StageResult:
     """Assemble the stage, train it, export the student, measure it."""
     spec = _capped(ctx, stage.train)
+    # the stage's own accelerator (its grad accumulation); never stored where later stages see it
     acc = make_accelerator(spec.grad_accum)
-    ctx.accelerator = acc
     # Under DeepSpeed: batch sizes, accumulation, clipping and precision come from the recipe
     # (the launch was checked against every stage up front), see distributed.py.
     if distributed.deepspeed_plugin(acc) is not None:

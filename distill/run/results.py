@@ -1,0 +1,70 @@
+"""What a finished stage produced and measured, typed: one `StageResult` per stage. Its JSON form
+is the stage's entry in `summary.json` (and in its `stage.json`), keys as documented there."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+@dataclass
+class StageResult:
+    name: str
+    kind: str
+    model_dir: str
+    """The stage's output model directory."""
+    source: str
+    """The model it started from (a stage name or a `models` key); `from` in JSON."""
+    params: int
+    size_bytes: int
+    perplexity: float
+    """Held-out perplexity (with fake quantization on for `ptq` and `qat`)."""
+    loss: float
+    scheme: str
+    """Quantization scheme name, or the dtype of the stored float weights ("fp32", "bf16")."""
+    steps: int = 0
+    wall_s: float = 0.0
+    """The whole stage: loading, training, evaluation, export."""
+    train_wall_s: float | None = None
+    """The training loop alone."""
+    tokens: int | None = None
+    tokens_per_s: float | None = None
+    skipped_steps: int | None = None
+    teacher: str | None = None
+    teacher_agreement: float | None = None
+    compare_to: str | None = None
+    """The stage the report compares this one with."""
+    recovered_fraction: float | None = None
+    """Share of what pruning or PTQ lost that this stage won back."""
+    keep_sparsity: bool | None = None
+    sparsity: float | None = None
+    method: str | None = None
+    params_before: int | None = None
+    perplexity_before: float | None = None
+    """Prune and ptq stages: the model's held-out perplexity before pruning or rounding."""
+    details: dict | None = None
+    """Prune stages: what was removed (the prune record's details)."""
+    fake_quant_after: int | None = None
+    latency_s: float | None = None
+    latency_dtype: str | None = None
+    float_latency_s: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary entry: unset fields left out, `perplexity`/`loss` under `eval`."""
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind}
+        for key, value in asdict(self).items():
+            if key in ("name", "kind", "perplexity", "loss") or value is None:
+                continue
+            out["from" if key == "source" else key] = value
+            if key == "size_bytes":
+                out["eval"] = {"perplexity": self.perplexity, "loss": self.loss}
+        return out
+
+    @classmethod
+    def from_json(cls, entry: dict[str, Any]) -> StageResult:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in entry.items() if k in known}
+        values["source"] = entry["from"]
+        values["perplexity"] = entry["eval"]["perplexity"]
+        values["loss"] = entry["eval"]["loss"]
+        return cls(**values)
