@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from distill.specs import HEAD_UNITS, PRUNE_METHODS, PRUNE_SCOPES, PRUNE_SCORINGS, PruneSpec
+
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
@@ -19,37 +21,50 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", help="write here instead of the recipe's output_dir")
 
 
+def _default(key: str):
+    """A `distill prune` flag's default: the PruneSpec field's (one declared home)."""
+    return PruneSpec.model_fields[key].default
+
+
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
+    """`distill prune`'s flags: one per PruneSpec field (same names, dashes for underscores)."""
     p.add_argument("model_dir")
     p.add_argument("--out", required=True, help="where to save the pruned model")
+    p.add_argument("--method", required=True, choices=PRUNE_METHODS)
     p.add_argument(
-        "--method", required=True, choices=["magnitude", "wanda", "nm", "width", "depth"]
-    )
-    p.add_argument(
-        "--sparsity", type=float, default=0.5, help="magnitude, wanda: fraction of zero weights"
+        "--sparsity",
+        type=float,
+        default=_default("sparsity"),
+        help="magnitude, wanda: fraction of zero weights",
     )
     p.add_argument(
         "--scope",
-        choices=["layer", "global"],
-        default="layer",
+        choices=PRUNE_SCOPES,
+        default=_default("scope"),
         help="magnitude: rank weights per matrix or across all",
     )
-    p.add_argument("--n", type=int, default=2, help="nm: weights kept per group")
-    p.add_argument("--m", type=int, default=4, help="nm: group size")
+    p.add_argument("--n", type=int, default=_default("n"), help="nm: weights kept per group")
+    p.add_argument("--m", type=int, default=_default("m"), help="nm: group size")
     p.add_argument(
-        "--scoring", choices=["magnitude", "wanda"], default="wanda", help="nm: weight score"
+        "--scoring", choices=PRUNE_SCORINGS, default=_default("scoring"), help="nm: weight score"
     )
     p.add_argument(
-        "--heads-fraction", type=float, default=0.25, help="width: fraction of heads removed"
+        "--heads-fraction",
+        type=float,
+        default=_default("heads_fraction"),
+        help="width: fraction of heads removed",
     )
     p.add_argument(
         "--head-unit",
-        choices=["kv_group", "query_head"],
-        default="kv_group",
+        choices=HEAD_UNITS,
+        default=_default("head_unit"),
         help="width: remove whole KV groups, or query heads within every group (GQA)",
     )
     p.add_argument(
-        "--mlp-fraction", type=float, default=0.25, help="width: fraction of MLP channels removed"
+        "--mlp-fraction",
+        type=float,
+        default=_default("mlp_fraction"),
+        help="width: fraction of MLP channels removed",
     )
     p.add_argument(
         "--layers",
@@ -63,7 +78,12 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
         help="text/JSONL/Parquet file(s) or globs for calibration activations (wanda, nm with "
         "wanda scoring, width, depth by rank)",
     )
-    p.add_argument("--calibration-batches", type=int, default=8, help="batches of 8 blocks")
+    p.add_argument(
+        "--calibration-batches",
+        type=int,
+        default=_default("calibration_batches"),
+        help="batches of 8 blocks",
+    )
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration block")
     p.add_argument(
         "--dtype",

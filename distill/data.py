@@ -152,7 +152,7 @@ def is_heldout(doc_id: str, eval_fraction: float) -> bool:
     """A stable split: the same document is held out on every machine and in every run."""
     digest = int(hashlib.md5(doc_id.encode("utf-8")).hexdigest(), 16)
     # md5 % 1000 sets the first three digits (so a fraction of 0.035 holds out exactly the files
-    # with md5 % 1000 < 35, the split QUALITY.md was measured on); the next three refine it.
+    # with md5 % 1000 < 35, the quickstart's split); the next three refine it.
     position = (digest % 1000 + (digest // 1000) % 1000 / 1000) / 1000
     return position < eval_fraction
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `distill bench` at shared/PERF.md's reference shape on one GPU (H100 / H200): chunked vs naive
+# `distill bench` at the reference shape (recipes/bench-reference.yaml) on one GPU (H100 / H200): chunked vs naive
 # loss path, tokens/s, MFU (measured and spec peak), peak memory, the floor. Prints the table and
 # writes $OUT/bench.json (+ bench.txt). Run from anywhere; nothing is downloaded.
 #

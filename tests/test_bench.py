@@ -1,4 +1,4 @@
-"""`distill bench`: the real command on a shrunk bench-cpu recipe, the FLOP model against PERF.md's
+"""`distill bench`: the real command on a shrunk bench-cpu recipe, the FLOP model against the published
 reference shape, and the CPU memory tracker the bench relies on."""
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def test_bench_cli_reports_both_paths_and_chunked_loss_memory_is_small(tmp_path)
 
 
 def test_flop_model_matches_perf_md_reference_shape():
-    """bench-reference.yaml is PERF.md's shape: 0.51 B / 3.21 B params, F_s = 3.66 and
+    """bench-reference.yaml is the reference shape: 0.51 B / 3.21 B params, F_s = 3.66 and
     F_t = 7.13 GFLOP a token, 88.4 TFLOP a step (built on the meta device: no memory, no time)."""
     recipe = load_recipe(RECIPES / "bench-reference.yaml")
     stage = pick_stage(recipe, None)

@@ -421,3 +421,39 @@ def test_deepspeed_config_that_contradicts_the_recipe(monkeypatch):
             _spec(),
             hidden_size=64,
         )
+
+
+def test_zero3_launch_refuses_recovering_a_model_saved_by_distill_prune(tmp_path, monkeypatch):
+    """The launch check and the stage decide "keeps sparsity masks" with one function, so a
+    `models:` entry holding a `distill prune` output is refused under ZeRO-3 before anything runs."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from distill.errors import LaunchError
+    from distill.recipe_file import load_recipe
+    from distill.run.prune_stage import keeps_sparsity
+    from distill.runtime.distributed import check_launch
+
+    pruned = tmp_path / "pruned"
+    pruned.mkdir()
+    (pruned / "distill_prune.json").write_text('{"method": "wanda", "details": {}}')
+    recipe_path = tiny_recipe(
+        tmp_path / "recipe.yaml",
+        stages=[
+            {"name": "teacher", "kind": "train", "model": "teacher", "train": {"max_steps": 2}},
+            {"name": "recovered", "kind": "distill", "model": "pruned", "teacher": "teacher"},
+        ],
+    )
+    recipe = load_recipe(recipe_path, [f"models.pruned.path={pruned}"])
+    assert keeps_sparsity(recipe, recipe.stage("recovered"))
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
+    plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 3}})
+    zero3 = SimpleNamespace(
+        distributed_type=DistributedType.DEEPSPEED,
+        state=SimpleNamespace(deepspeed_plugin=plugin),
+        mixed_precision="no",
+        num_processes=2,
+    )
+    with pytest.raises(LaunchError, match="stage 'recovered': keeping sparsity masks"):
+        check_launch(zero3, recipe, lambda stage: keeps_sparsity(recipe, stage))

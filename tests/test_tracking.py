@@ -1,12 +1,13 @@
 """Weights & Biases in offline mode: every loss term is logged, and a stage stopped by a signal and
 resumed continues the same W&B run with steps that keep increasing."""
 
+import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from conftest import ROOT, all_rows, tiny_recipe
 
@@ -25,50 +26,67 @@ STAGES = [
 ]
 
 
-def wandb_records(path):
-    """Records of a W&B offline `.wandb` file (a LevelDB-style log of protobuf records)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, block, pending = 7, 32768, b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if length == 0 and kind == 0:
-            pos += left
-            continue
-        chunk = data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind == 1:
-            full = chunk
-        elif kind == 2:
-            pending = chunk
-            continue
-        elif kind == 3:
-            pending += chunk
-            continue
-        else:
-            full, pending = pending + chunk, b""
-        record = pb.Record()
-        record.ParseFromString(full)
-        yield record
-
-
 def run_summary(run_dir):
+    """(display name, run id, history steps, logged keys) of an offline run, as W&B's own reader of
+    its transaction log reports them (`wandb leet inspect --json`: one JSON record per line)."""
+    (log,) = run_dir.glob("run-*.wandb")
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    out = subprocess.run(
+        [str(wandb_cli), "leet", "inspect", "--json", str(log)],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout  # fmt: skip
     name, run_id, steps, keys = None, None, [], set()
-    for file in run_dir.glob("run-*.wandb"):
-        for record in wandb_records(file):
-            kind = record.WhichOneof("record_type")
-            if kind == "run":
-                run_id, name = record.run.run_id, record.run.display_name
-            elif kind == "history":
-                steps.append(record.history.step.num)
-                keys |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+    for line in out.splitlines():
+        if not line.startswith("{"):
+            continue
+        record = json.loads(line)
+        if record.get("type") == "run":
+            run_id, name = record["run"]["run_id"], record["run"]["display_name"]
+        elif record.get("type") == "history":
+            steps.append(record["history"]["step"]["num"])
+            keys |= {k for k in record["history"]["item"] if not k.startswith("_")}
     return name, run_id, steps, keys
+
+
+class RecordingWandb:
+    """Stands in for the `wandb` module: records every call the tracker makes."""
+
+    def __init__(self):
+        self.calls = []
+
+    def init(self, **kwargs):
+        self.calls.append(("init", kwargs))
+        return self
+
+    def log(self, metrics, step):
+        self.calls.append(("log", step, dict(metrics)))
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+
+def test_tracker_calls_wandb_in_order_and_a_resume_continues_the_run(tmp_path, monkeypatch):
+    from distill.config import WandbSpec
+    from distill.tracking import Tracker
+
+    recorder = RecordingWandb()
+    monkeypatch.setitem(sys.modules, "wandb", recorder)
+    spec = WandbSpec(mode="offline", project="p", tags=["t"])
+    first = Tracker(tmp_path / "m.jsonl", spec, run_name="r/s", config={"a": 1}, group="r")
+    first.log({"loss": 2.0}, step=1)
+    first.close()
+    again = Tracker(tmp_path / "m.jsonl", spec, run_name="r/s", run_id=first.run_id, group="r")
+    again.log({"loss": 1.0}, step=2)
+    again.close()
+    (init1, log1, fin1, init2, log2, fin2) = recorder.calls
+    assert init1[0] == init2[0] == "init" and fin1 == fin2 == ("finish",)
+    assert init1[1]["id"] == init2[1]["id"] == first.run_id and init1[1]["resume"] == "allow"
+    assert init1[1]["group"] == "r" and init1[1]["name"] == "r/s" and init1[1]["mode"] == "offline"
+    assert log1 == ("log", 1, {"loss": 2.0}) and log2 == ("log", 2, {"loss": 1.0})
+    assert [json.loads(x)["step"] for x in (tmp_path / "m.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+    ]
 
 
 def test_offline_wandb_run_continues_after_resume(tmp_path):

@@ -7,7 +7,7 @@ loaded); batches are random token ids, so no data or tokenizer is needed. Each l
 naive) runs in isolation: fresh models from the same seed, warm-up steps, then the median of the
 measured steps.
 
-FLOPs follow shared/PERF.md: N = weights of every matmul (the lm_head counted even when tied, the
+FLOPs: N = weights of every matmul (the lm_head counted even when tied, the
 embedding lookup not), A = heads x head_dim, L = layers, S = sequence length;
 student F_s = 6 N_s + 12 L_s A_s S, teacher F_t = 2 N_t + 4 L_t A_t S, per token.
 MFU = step FLOPs / step time / peak, against a matmul peak measured in the same run and against the
@@ -62,7 +62,7 @@ PATHS = ("chunked", "naive")
 
 
 # ----------------------------------------------------------------------------------------------
-# The FLOP model (shared/PERF.md)
+# The FLOP model
 
 
 # ----------------------------------------------------------------------------------------------
