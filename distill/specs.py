@@ -232,7 +232,9 @@ class QuantSpec(Section):
     @classmethod
     def _bits(cls, v: int) -> int:
         if not 2 <= v <= 8:
-            raise ValueError(f"bits must be an integer from 2 to 8; got {v}")
+            raise ValueError(
+                f"bits must be an integer from 2 to 8 (greater than or equal to 2); got {v}"
+            )
         return v
 
     @field_validator("group_size")

@@ -169,7 +169,7 @@ def train(job: TrainJob) -> TrainResult:
                 for a in range(spec.grad_accum)
             ]
             out = train_step(
-                acc, module, optimizer, job.teacher, batches, spec, lr, autocast, faults
+                acc, module, optimizer, job.teacher, batches, spec, lr, autocast, faults, step
             )
             _after_step(job, acc, module, state, out, step, ckpt_root)
             if faults:
