@@ -131,7 +131,8 @@ def calibration_blocks(
 
     from distill.compress.prune import CALIBRATION_BATCH_SIZE
     from distill.config import DataSpec
-    from distill.data import load_documents, pack_documents
+    from distill.data.blocks import pack_documents
+    from distill.data.documents import load_documents
 
     if not patterns:
         raise RecipeError(

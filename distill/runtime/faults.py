@@ -6,6 +6,7 @@ point. Off unless the DISTILL_FAULT environment variable is set, e.g.
     DISTILL_FAULT=nan_at=3-7               make the loss NaN at steps 3..7
     DISTILL_FAULT=enospc_at_save=4         fail the save of step 4 with "No space left on device"
     DISTILL_FAULT=step_sleep=0.3           sleep after every optimizer step (time to send a signal)
+    DISTILL_FAULT=kill_after_shard=2       SIGKILL itself once the 2nd token-store shard is written
 
 Several faults are separated by commas.
 """
@@ -49,3 +50,8 @@ def after_step() -> None:
     pause = _faults().get("step_sleep")
     if pause:
         time.sleep(float(pause))
+
+
+def after_shard(count: int) -> None:
+    if _faults().get("kill_after_shard") == str(count):
+        os.kill(os.getpid(), signal.SIGKILL)

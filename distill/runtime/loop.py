@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from distill.config import TrainSpec
-from distill.data import BatchOrder
+from distill.data.order import BatchOrder
 from distill.errors import CheckpointError, StopRequested, TrainingDiverged
 from distill.models import causal_lm_of, is_partitioned
 from distill.objective.module import DistillModule, teacher_forward
