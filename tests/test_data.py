@@ -84,7 +84,7 @@ def test_compressed_inputs_are_read_decompressed(tmp_path):
     lines = "".join(json.dumps({"text": f"record {i}"}) + "\n" for i in range(5)).encode()
     (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(lines))
     (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
-    (tmp_path / "c.txt.gz").write_bytes(gzip.compress("plain\r\ntext\n".encode()))
+    (tmp_path / "c.txt.gz").write_bytes(gzip.compress(b"plain\r\ntext\n"))
     for name in ("a.jsonl.gz", "b.jsonl.zst"):
         docs = load_documents(DataSpec(files=[str(tmp_path / name)]))
         assert [t for _, t in docs] == [f"record {i}" for i in range(5)]
