@@ -350,9 +350,9 @@ def build_store(
                     "data: every document fell into the held-out split; lower eval_fraction"
                 )
             tokenizer.save_pretrained(writer.partial / "tokenizer")
+            disk = writer.close()
             wall_s = time.perf_counter() - t0
             tokens = train.tokens + held.tokens
-            disk = sum(p.stat().st_size for p in writer.partial.glob("*.bin"))
             stats = {
                 "documents": documents,
                 "train_documents": train.documents,

@@ -119,6 +119,7 @@ class StoreWriter:
             shutil.rmtree(self.partial)
         self.partial.mkdir(parents=True)
         self.shards_written = 0
+        self._closed: dict = {}
         self.splits = {
             split: _SplitWriter(self.partial, split, dtype, shard_tokens, self._shard_done)
             for split in SPLITS
@@ -128,14 +129,20 @@ class StoreWriter:
         self.shards_written += 1
         faults.after_shard(self.shards_written)
 
-    def commit(self, meta: dict, stats: dict) -> dict:
-        """Close every file, write stats and the manifest (last), then rename into place."""
-        splits = {name: writer.close() for name, writer in self.splits.items()}
-        for split in splits.values():
+    def close(self) -> int:
+        """Close and fsync every file; returns the bytes of ids and offsets written."""
+        self._closed = {name: writer.close() for name, writer in self.splits.items()}
+        total = 0
+        for split in self._closed.values():
             for item in [*split["shards"], split["offsets"]]:
                 item["bytes"] = (self.partial / item["file"]).stat().st_size
+                total += item["bytes"]
+        return total
+
+    def commit(self, meta: dict, stats: dict) -> dict:
+        """After `close`: write stats and the manifest (last), then rename into place."""
         manifest = {"format": FORMAT, "version": VERSION, "dtype": self.dtype, **meta}
-        manifest["splits"] = splits
+        manifest["splits"] = self._closed
         _write_json(self.partial / STATS, stats)
         _write_json(self.partial / MANIFEST, manifest)
         _fsync_dir(self.partial)

@@ -108,10 +108,13 @@ def tokenized_batches(
 ) -> Iterator[TokenizedBatch]:
     """Tokenize `docs` in `num_proc` processes (1: in this one), results in the input's order."""
     batches = document_batches(docs)
-    if num_proc == 1:
+    first = list(itertools.islice(batches, 2))
+    if num_proc == 1 or len(first) < 2:  # one task: starting workers would cost more than it
         _init(spec)
+        yield from map(encode_documents, first)
         yield from map(encode_documents, batches)
         return
+    batches = itertools.chain(first, batches)
     with multiprocessing.get_context("spawn").Pool(num_proc, _init, (spec,)) as pool:
         # Not `pool.imap`: its feeder thread would read the whole corpus ahead into memory. A
         # window of a few tasks per worker keeps them busy and memory bounded.

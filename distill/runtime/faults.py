@@ -7,6 +7,7 @@ point. Off unless the DISTILL_FAULT environment variable is set, e.g.
     DISTILL_FAULT=enospc_at_save=4         fail the save of step 4 with "No space left on device"
     DISTILL_FAULT=step_sleep=0.3           sleep after every optimizer step (time to send a signal)
     DISTILL_FAULT=kill_after_shard=2       SIGKILL itself once the 2nd token-store shard is written
+    DISTILL_FAULT=term_after_shard=2       SIGTERM itself at that point instead
 
 Several faults are separated by commas.
 """
@@ -53,5 +54,8 @@ def after_step() -> None:
 
 
 def after_shard(count: int) -> None:
-    if _faults().get("kill_after_shard") == str(count):
+    faults = _faults()
+    if faults.get("kill_after_shard") == str(count):
         os.kill(os.getpid(), signal.SIGKILL)
+    if faults.get("term_after_shard") == str(count):
+        os.kill(os.getpid(), signal.SIGTERM)
