@@ -14,11 +14,12 @@ import pytest
 import torch
 import yaml
 
-from distill.config import RecipeError, load_recipe
 from distill.data.blocks import pack_documents
 from distill.data.documents import is_heldout
 from distill.data.prepare import prepare_data
 from distill.data.store import TokenStore
+from distill.errors import RecipeError
+from distill.recipe_file import load_recipe
 
 from conftest import ROOT, losses_by_step, run_cli, start_cli, tiny_recipe
 

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 from distill.config import DataSpec, Recipe
-from distill.errors import RecipeError
 from distill.data.blocks import PackedData, StoreBlocks, not_one_block
 from distill.data.documents import BadInput, input_paths, iter_documents, stdlib_paths
 from distill.data.store import (
@@ -37,6 +36,7 @@ from distill.data.store import (
     token_dtype,
 )
 from distill.data.tokenize import EncoderSpec, tokenized_batches
+from distill.errors import RecipeError
 
 # Settings that decide which documents land in which split (the rest only cut or place them).
 STORE_KEYS = (

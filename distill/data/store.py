@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.runtime import faults
 from distill.errors import RecipeError
+from distill.runtime import faults
 
 FORMAT = "distill-token-store"
 VERSION = 1
