@@ -116,6 +116,8 @@ def main() -> None:
         "documents": stats["documents"],
         "prep_wall_s": stats["wall_s"],
         "prep_tokens_per_s": stats["tokens_per_s"],
+        "prep_cpu_s": stats["cpu_s"],
+        "prep_tokens_per_cpu_s": stats["tokens_per_cpu_s"],
         "prep_peak_rss_tree_bytes": stats["peak_rss_bytes"],
         "prep_peak_rss_largest_process_bytes": prep_rss,
         "bytes_on_disk": stats["bytes_on_disk"],
@@ -132,7 +134,8 @@ def main() -> None:
     print(
         f"prepared {tokens:,} tokens ({stats['documents']:,} documents) in {stats['wall_s']:.1f} s "
         f"with {stats['num_proc']} tokenizer processes\n"
-        f"  tokens/s                      {stats['tokens_per_s']:,.0f}\n"
+        f"  tokens/s                      {stats['tokens_per_s']:,.0f} "
+        f"({stats['tokens_per_cpu_s']:,.0f} per CPU second of the process tree)\n"
         f"  peak RSS, whole process tree  {stats['peak_rss_bytes'] / mb:,.0f} MB "
         f"(largest single process {prep_rss / mb:,.0f} MB)\n"
         f"  on disk                       {stats['bytes_on_disk'] / mb:,.1f} MB, "

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import os
+import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -55,6 +58,19 @@ def _init(spec: EncoderSpec) -> None:
         from transformers import AutoTokenizer
 
         _worker = (spec, AutoTokenizer.from_pretrained(spec.tokenizer_dir))
+
+
+def _init_worker(spec: EncoderSpec) -> None:
+    _init(spec)
+    # A pool worker waits on a queue whose writing end it holds too, so it would never notice a
+    # parent killed with SIGKILL; it checks instead, and leaves no idle orphan behind.
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _encode(texts: list[str]) -> list[list[int]]:
@@ -115,7 +131,7 @@ def tokenized_batches(
         yield from map(encode_documents, batches)
         return
     batches = itertools.chain(first, batches)
-    with multiprocessing.get_context("spawn").Pool(num_proc, _init, (spec,)) as pool:
+    with multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, (spec,)) as pool:
         # Not `pool.imap`: its feeder thread would read the whole corpus ahead into memory. A
         # window of a few tasks per worker keeps them busy and memory bounded.
         window: deque = deque()
