@@ -150,7 +150,7 @@ import hashlib, sys
 from pathlib import Path
 from distill.data.store import TokenStore
 shards = TokenStore(Path(sys.argv[1])).shards("train")
-print(hashlib.sha256(b"".join(s.tobytes() for s in shards)).hexdigest(), sum(map(len, shards)))
+print(hashlib.sha256(b"".join(s.ids.tobytes() for s in shards)).hexdigest(), sum(len(s.ids) for s in shards))
 """
 
 

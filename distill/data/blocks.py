@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from distill.data.store import ShardMap
 from distill.errors import RecipeError
 
 
@@ -17,16 +18,24 @@ class StoreBlocks:
     a LongTensor of block indices returns int64 tensors ([seq_len] or [n, seq_len]), as a
     [num_blocks, seq_len] tensor would, without holding the split in memory."""
 
-    def __init__(self, shards: list[np.ndarray], seq_len: int):
+    def __init__(self, shards: list[ShardMap], seq_len: int):
         self.seq_len = seq_len
-        self._shards = shards
-        self._bounds = np.cumsum([0, *(len(s) for s in shards)])
+        self._maps = shards
+        self._shards = [s.ids for s in shards]
+        self._bounds = np.cumsum([0, *(len(s) for s in self._shards)])
         self._len = int(self._bounds[-1]) // seq_len
 
     def __len__(self) -> int:
         return self._len
 
     def __getitem__(self, key) -> torch.Tensor:
+        try:
+            return self._get(key)
+        finally:
+            for shard in self._maps:  # the rows are copied out: nothing needs the pages mapped
+                shard.release()
+
+    def _get(self, key) -> torch.Tensor:
         if isinstance(key, slice):
             start, stop, step = key.indices(self._len)
             if step == 1:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 from pathlib import Path
@@ -200,6 +201,23 @@ def read_manifest(path: Path) -> dict | None:
     return manifest
 
 
+class ShardMap:
+    """One shard's token ids, memory-mapped read-only (`ids` is a numpy view of the map)."""
+
+    def __init__(self, path: Path, dtype: str):
+        with open(path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.ids = np.frombuffer(self._map, dtype=dtype)
+
+    def release(self) -> None:
+        """Unmap the pages read so far from this process; they stay in the page cache. Batches
+        are drawn from the whole corpus, so without this the pages a long run has touched (and
+        the kernel's read-around of each) would count in its RSS until it reached the store's
+        size, though they are shared cache, not the process's memory."""
+        if hasattr(mmap, "MADV_DONTNEED"):  # Linux, macOS; elsewhere pages stay mapped
+            self._map.madvise(mmap.MADV_DONTNEED)
+
+
 class TokenStore:
     """A complete store, opened read-only: each split's shards as numpy memory maps."""
 
@@ -236,11 +254,11 @@ class TokenStore:
     def stats(self) -> dict:
         return json.loads((self.path / STATS).read_text())
 
-    def shards(self, split: str) -> list[np.ndarray]:
+    def shards(self, split: str) -> list[ShardMap]:
         """The split's token ids, one read-only memory map per shard."""
+        dtype = self.manifest["dtype"]
         return [
-            np.memmap(self.path / s["file"], dtype=self.manifest["dtype"], mode="r")
-            for s in self.manifest["splits"][split]["shards"]
+            ShardMap(self.path / s["file"], dtype) for s in self.manifest["splits"][split]["shards"]
         ]
 
     def document_offsets(self, split: str) -> np.ndarray:
