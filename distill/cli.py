@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="resume from a checkpoint even if it was written with other settings",
     )
 
+    p = sub.add_parser("data", help="prepare a recipe's tokenizer and token store, print stats")
+    _add_recipe_args(p)
+    p.add_argument("--verify", action="store_true", help="also check every file's sha256")
+
     p = sub.add_parser("check", help="validate a recipe and print it fully resolved")
     _add_recipe_args(p)
 
@@ -198,6 +202,12 @@ def _is_main_rank() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def cmd_data(args) -> int:
+    from distill.data.prepare import run_data_command
+
+    return run_data_command(_load(args), verify=args.verify)
+
+
 def cmd_check(args) -> int:
     from distill.recipe_file import recipe_to_yaml
 
@@ -283,6 +293,7 @@ def cmd_report(args) -> int:
 
 COMMANDS = {
     "run": cmd_run,
+    "data": cmd_data,
     "check": cmd_check,
     "eval": cmd_eval,
     "prune": cmd_prune,

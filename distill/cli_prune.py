@@ -17,7 +17,8 @@ import torch
 
 from distill.compress.prune import CALIBRATION_BATCH_SIZE, RECORD_FILE, prune_model
 from distill.config import DataSpec
-from distill.data import load_documents, pack_documents
+from distill.data.blocks import pack_documents
+from distill.data.documents import load_documents
 from distill.errors import RecipeError, SettingError, as_flag
 from distill.models import (
     count_params,

@@ -76,7 +76,9 @@ class TokenizerTrainSpec(Section):
     """Byte-level BPE vocabulary size, special tokens included."""
     min_frequency: int = Field(2, ge=1)
     max_chars: int = Field(50_000_000, gt=0)
-    """Train on at most this many characters of the training split."""
+    """Train on at most this many characters of the training split (read in order)."""
+    max_documents: int | None = Field(1_000_000, gt=0)
+    """Train on at most this many documents of the training split (null: `max_chars` alone)."""
 
 
 class TokenizerSpec(Section):
@@ -99,7 +101,7 @@ class TokenizerSpec(Section):
 
 
 class DataSpec(Section):
-    """Text to train and evaluate on: exactly one of `stdlib`, `files`, `hub`."""
+    """Text to train and evaluate on: exactly one of `stdlib`, `files`, `hub`, or only `store`."""
 
     stdlib: bool = False
     """Use the Python standard library's own .py sources found on this machine (no download)."""
@@ -133,14 +135,24 @@ class DataSpec(Section):
         "ensurepip",
     ]
     """Top-level stdlib folders left out (tests and vendored code)."""
+    streaming: bool = False
+    """Read `hub` (or JSON/Parquet/CSV `files`) through datasets' streaming, never whole."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """A bad document (undecodable, binary, not JSON, no text): stop naming it, or skip and count."""
+    num_proc: int | None = Field(None, gt=0)
+    """Tokenizer worker processes (default: this machine's cores); the result is the same for any."""
+    store: str | None = None
+    """Token store directory to build or reuse (default: <output_dir>/data); alone, a prepared one."""
+    shard_tokens: int = Field(1 << 28, gt=0)
+    """Token ids per shard file of the store."""
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
         given = [k for k in ("stdlib", "files", "hub") if getattr(self, k)]
-        if len(given) != 1:
+        if len(given) > 1 or not (given or self.store):
             raise ValueError(
-                f"give exactly one data source of `stdlib: true`, `files: [...]`, `hub: <id>`; got "
-                f"{given or 'none'}"
+                f"give exactly one data source of `stdlib: true`, `files: [...]`, `hub: <id>` (or "
+                f"only `store: <prepared store>`); got {given or 'none'}"
             )
         return self
 

@@ -21,7 +21,7 @@ def assets(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from distill.config import TokenizerTrainSpec
-    from distill.data import train_tokenizer
+    from distill.data.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("assets")
     tok = train_tokenizer(TEXT, TokenizerTrainSpec(vocab_size=300, min_frequency=1))
@@ -134,7 +134,7 @@ def test_corrupt_model_weights(tmp_path, assets):
 
 def test_tokenizer_mismatch(tmp_path, assets):
     from distill.config import TokenizerTrainSpec
-    from distill.data import train_tokenizer
+    from distill.data.tokenizer import train_tokenizer
 
     other = tmp_path / "other-teacher"
     shutil.copytree(assets / "teacher", other)

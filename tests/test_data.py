@@ -1,4 +1,5 @@
-"""Documents, the held-out split, packing and the deterministic batch order."""
+"""Documents, the held-out split, the tokenizer's sample, packing and the deterministic batch
+order. The token store itself is tested in test_store.py."""
 
 import json
 
@@ -6,15 +7,10 @@ import pytest
 import torch
 
 from distill.config import DataSpec, TokenizerTrainSpec
-from distill.data import (
-    BatchOrder,
-    build_packed_data,
-    is_heldout,
-    load_documents,
-    pack_documents,
-    split_documents,
-    train_tokenizer,
-)
+from distill.data.blocks import pack_documents
+from distill.data.documents import is_heldout, load_documents
+from distill.data.order import BatchOrder
+from distill.data.tokenizer import train_tokenizer, training_sample
 from distill.errors import RecipeError
 
 
@@ -38,9 +34,14 @@ def test_heldout_split_is_stable_and_sized():
     assert 150 < len(held) < 250
 
 
-def test_split_documents_never_empty():
-    train, held = split_documents([("a", "x"), ("b", "y")], 0.000001)
-    assert held and train
+def test_tokenizer_sample_is_the_training_split_and_leaves_out_a_last_held_back_document():
+    ids = [f"m{i}.py" for i in range(200)]
+    docs = [(i, f"text of {i}") for i in ids]
+    train = [t for i, t in docs if not is_heldout(i, 0.05)]
+    assert list(training_sample(docs, 0.05, None)) == train
+    assert list(training_sample(docs, 0.05, 7)) == train[:7]
+    # nothing held out: the store holds out the last document, so it is not trained on
+    assert list(training_sample(docs[:3], 1e-9, None)) == [t for _, t in docs[:2]]
 
 
 def test_packing_appends_eos_and_cuts_full_blocks(tokenizer):
@@ -67,22 +68,33 @@ def test_tokenizer_round_trips(tokenizer, tmp_path):
     assert again.eos_token_id == tokenizer.eos_token_id
 
 
-def test_jsonl_with_text_field(tmp_path, tokenizer):
+def test_jsonl_with_text_field(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text(
-        "\n".join(json.dumps({"body": f"def g{i}(): return {i}\n" * 30}) for i in range(40))
-    )
-    spec = DataSpec(files=[str(path)], text_field="body", seq_len=16, eval_fraction=0.2)
-    docs = load_documents(spec)
-    assert len(docs) == 40
-    data = build_packed_data(spec, docs, tokenizer)
-    assert data.train.shape[1] == 16 and len(data.eval) > 0
+    texts = [f"def g{i}(): return {i}\n" * 30 for i in range(40)]
+    path.write_text("\n".join(json.dumps({"body": t}) for t in texts))
+    docs = load_documents(DataSpec(files=[str(path)], text_field="body"))
+    assert docs == [(t, t) for t in texts]  # a record's id is its text
+
+
+def test_compressed_inputs_are_read_decompressed(tmp_path):
+    import gzip
+
+    import zstandard
+
+    lines = "".join(json.dumps({"text": f"record {i}"}) + "\n" for i in range(5)).encode()
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(lines))
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    (tmp_path / "c.txt.gz").write_bytes(gzip.compress(b"plain\r\ntext\n"))
+    for name in ("a.jsonl.gz", "b.jsonl.zst"):
+        docs = load_documents(DataSpec(files=[str(tmp_path / name)]))
+        assert [t for _, t in docs] == [f"record {i}" for i in range(5)]
+    assert load_documents(DataSpec(files=[str(tmp_path / "c.txt.gz")]))[0][1] == "plain\ntext\n"
 
 
 def test_missing_text_field(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"content": "hello"}) + "\n")
-    with pytest.raises(RecipeError, match="column 'text' is not in"):
+    with pytest.raises(RecipeError, match="line 1: column 'text' is not in .*data.text_field"):
         load_documents(DataSpec(files=[str(path)]))
 
 

@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from distill.config import ModelSpec, TokenizerTrainSpec
-from distill.data import train_tokenizer
+from distill.data.tokenizer import train_tokenizer
 from distill.errors import RecipeError
 from distill.models import (
     build_model,

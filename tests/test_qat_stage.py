@@ -58,14 +58,15 @@ def run(tmp_path_factory):
 
 def heldout(model, out):
     """Held-out perplexity of `model` on the run's own eval blocks, as the stages measure it."""
-    from transformers import AutoTokenizer
-
-    from distill.data import load_packed
+    from distill.data.prepare import open_prepared
+    from distill.recipe_file import load_recipe
     from distill.runtime.evaluate import heldout_metrics
 
-    (packed,) = (out / "data").glob("packed-*.pt")
-    vocab = len(AutoTokenizer.from_pretrained(out / "tokenizer"))
-    return heldout_metrics(model, load_packed(packed).eval, 8, vocab)["perplexity"]
+    prepared = open_prepared(
+        load_recipe(out.parent / "recipe.yaml"), out / "tokenizer", out / "data"
+    )
+    vocab = len(prepared.tokenizer)
+    return heldout_metrics(model, prepared.data.eval, 8, vocab)["perplexity"]
 
 
 def test_summary_has_perplexity_scheme_and_size_for_every_stage(run):

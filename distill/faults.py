@@ -1,11 +1,13 @@
 """Deterministic fault injection, so tests can kill, corrupt and starve a real run at an exact
-point. Installed only when the DISTILL_FAULT environment variable is set (read once per stage), e.g.
+point, in training and in data preparation. Installed only when the DISTILL_FAULT environment variable is set (read once per stage), e.g.
 
     DISTILL_FAULT=kill_at_micro=5.1        SIGKILL itself before micro-batch 1 of step 5
     DISTILL_FAULT=slow_save=3              sleep 3 s after writing a checkpoint, before committing it
     DISTILL_FAULT=nan_at=3-7               make the loss NaN at steps 3..7
     DISTILL_FAULT=enospc_at_save=4         fail the save of step 4 with "No space left on device"
     DISTILL_FAULT=step_sleep=0.3           sleep after every optimizer step (time to send a signal)
+    DISTILL_FAULT=kill_after_shard=2       SIGKILL itself once the 2nd token-store shard is written
+    DISTILL_FAULT=term_after_shard=2       SIGTERM itself at that point instead
 
 Several faults are separated by commas.
 """
@@ -48,6 +50,12 @@ class Faults:
     def after_step(self) -> None:
         if "step_sleep" in self.settings:
             time.sleep(float(self.settings["step_sleep"]))
+
+    def after_shard(self, count: int) -> None:
+        if self.settings.get("kill_after_shard") == str(count):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.settings.get("term_after_shard") == str(count):
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def from_env() -> Faults | None:
