@@ -107,6 +107,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paths", default="chunked,naive", help="loss paths to compare")
     p.add_argument("--json", dest="json_path", help="also write the results as JSON here")
 
+    p = sub.add_parser("export", help="export a model dir to GGUF, compressed-tensors or safetensors")
+    p.add_argument("model_dir")
+    p.add_argument(
+        "--format",
+        required=True,
+        metavar="FORMAT",
+        help="safetensors-bf16, safetensors-fp16, gguf-f32, gguf-f16, gguf-bf16, gguf-q8_0, "
+        "gguf-q4_0, ct-w4a16, ct-w8a16",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=-1,
+        help="ct-*: input columns per scale, 32, 64 or 128 (default 32), 0 = per output channel",
+    )
+    p.add_argument("--embeddings", help="gguf-*: type of token embeddings and output: q8_0 or f16")
+    p.add_argument("--dtype", help="ct-*: dtype of scales and float tensors (default bfloat16)")
+    p.add_argument("--out", help="output directory (default: MODEL_DIR-FORMAT beside it)")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="load the export back (transformers; llama.cpp too when installed) and generate",
+    )
+
     p = sub.add_parser("report", help="rewrite report.md/png from a run's summary.json")
     p.add_argument("output_dir")
     return parser
@@ -244,6 +268,21 @@ def cmd_bench(args) -> int:
     return run_bench_command(args)
 
 
+def cmd_export(args) -> int:
+    from distill.compress.export import export_model, plan_export, verify_export
+
+    plan_export(args.format, args.group_size, args.embeddings, args.dtype)  # fail before loading
+    out = args.out or f"{args.model_dir.rstrip('/')}-{args.format}"
+    result = export_model(
+        args.model_dir, out, args.format, args.group_size, args.embeddings, args.dtype
+    )
+    report = result.to_dict()
+    if args.verify:
+        report["verify"] = verify_export(result)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_report(args) -> int:
     from pathlib import Path
 
@@ -266,6 +305,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "prune": cmd_prune,
     "bench": cmd_bench,
+    "export": cmd_export,
     "report": cmd_report,
 }
 

@@ -254,3 +254,15 @@ def _write_tokenizer(writer, tokenizer, pre: str, tokenizer_dir: str | Path, row
     special.add_special_token.setdefault("bos", ids[:1] == [tokenizer.bos_token_id])
     special.add_special_token.setdefault("eos", ids[-1:] == [tokenizer.eos_token_id])
     special.add_to_gguf(writer, quiet=True)
+
+
+def quantized_bytes_ratio(path: str | Path, kind: str) -> float:
+    """Bytes on disk of the file's ``kind`` (e.g. Q4_0) tensors over their bf16 bytes, read back
+    with ``gguf.GGUFReader``."""
+    import gguf
+
+    qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
+    tensors = [t for t in gguf.GGUFReader(path).tensors if t.tensor_type == qtype]
+    if not tensors:
+        raise RecipeError(f"{path}: no {kind} tensors")
+    return sum(int(t.n_bytes) for t in tensors) / sum(2 * int(t.n_elements) for t in tensors)
