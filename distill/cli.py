@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paths", default="chunked,naive", help="loss paths to compare")
     p.add_argument("--json", dest="json_path", help="also write the results as JSON here")
 
-    p = sub.add_parser("export", help="export a model dir to GGUF, compressed-tensors or safetensors")
+    p = sub.add_parser(
+        "export", help="export a model dir to GGUF, compressed-tensors or safetensors"
+    )
     p.add_argument("model_dir")
     p.add_argument(
         "--format",

@@ -78,7 +78,10 @@ class ExportResult:
 
 
 def plan_export(
-    format: str, group_size: int | None = -1, embeddings: str | None = None, dtype: str | None = None
+    format: str,
+    group_size: int | None = -1,
+    embeddings: str | None = None,
+    dtype: str | None = None,
 ) -> ExportPlan:
     """Validate a format and its options; RecipeError naming the nearest supported choice.
     ``group_size``: -1 = the format's default, None or 0 = per output channel."""
@@ -140,7 +143,9 @@ def export_model(
     plan = plan_export(format, group_size, embeddings, dtype)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
-        raise RecipeError(f"export: {model_dir} has no config.json (not a saved transformers model)")
+        raise RecipeError(
+            f"export: {model_dir} has no config.json (not a saved transformers model)"
+        )
     if plan.gguf_kind:
         from distill.compress.gguf_export import gguf_architecture
 
@@ -259,7 +264,9 @@ def verify_export(result: ExportResult, new_tokens: int = 16) -> dict:
             return report
         cpp_ids = llm.tokenize(VERIFY_TEXT.encode(), add_bos=False, special=False)
         if cpp_ids != source_ids:
-            raise RecipeError(f"{result.path}: llama.cpp tokenizes differently from {result.source}")
+            raise RecipeError(
+                f"{result.path}: llama.cpp tokenizes differently from {result.source}"
+            )
         cpp_out = llm(VERIFY_TEXT, max_tokens=new_tokens, temperature=0.0)
         report["llama_cpp"] = {"generated": cpp_out["choices"][0]["text"]}
     return report

@@ -38,7 +38,7 @@ def gguf_architecture(config) -> str:
     arch = next((ARCHITECTURES[n] for n in names if n in ARCHITECTURES), None)
     if arch is None:
         raise RecipeError(
-            f"GGUF export: architecture {', '.join(names) or config.model_type!r} is not written "
+            f"GGUF export: architecture {', '.join(names) or config.model_type} is not written "
             f"here; supported: {', '.join(sorted(ARCHITECTURES))}. Export it as safetensors and "
             "use llama.cpp's convert_hf_to_gguf.py, or export compressed-tensors for vLLM"
         )
