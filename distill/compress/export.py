@@ -262,11 +262,14 @@ def verify_export(result: ExportResult, new_tokens: int = 16) -> dict:
         except RecipeError as err:
             report["llama_cpp"] = {"skipped": str(err)}
             return report
-        cpp_ids = llm.tokenize(VERIFY_TEXT.encode(), add_bos=False, special=False)
-        if cpp_ids != source_ids:
-            raise RecipeError(
-                f"{result.path}: llama.cpp tokenizes differently from {result.source}"
-            )
-        cpp_out = llm(VERIFY_TEXT, max_tokens=new_tokens, temperature=0.0)
+        try:
+            cpp_ids = llm.tokenize(VERIFY_TEXT.encode(), add_bos=False, special=False)
+            if cpp_ids != source_ids:
+                raise RecipeError(
+                    f"{result.path}: llama.cpp tokenizes differently from {result.source}"
+                )
+            cpp_out = llm(VERIFY_TEXT, max_tokens=new_tokens, temperature=0.0)
+        finally:
+            llm.close()
         report["llama_cpp"] = {"generated": cpp_out["choices"][0]["text"]}
     return report
