@@ -151,7 +151,9 @@ def export_model(
 
         gguf_architecture(AutoConfig.from_pretrained(model_dir))
     trained = trained_grid_name(model_dir)
-    model = load_pretrained(str(model_dir), what="model to export", dtype="float32")
+    # GGUF tensors are upcast one at a time (exactly); compressed-tensors compresses in float32.
+    load_dtype = "auto" if plan.gguf_kind else "float32"
+    model = load_pretrained(str(model_dir), what="model to export", dtype=load_dtype)
     tokenizer = load_tokenizer(str(model_dir), what="model to export")
     grid = plan.grid.name() if plan.grid else None
     result = ExportResult(format, str(model_dir), str(out_dir), 0, grid, trained)

@@ -93,7 +93,10 @@ def export_gguf(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(path, arch)
-    _write_hparams(writer, config, arch, kind, name=Path(tokenizer_dir).name)
+    source = Path(tokenizer_dir).resolve()
+    # A stage's weights live in <stage>/model: the stage name says more than "model".
+    name = source.parent.name if source.name == "model" else source.name
+    _write_hparams(writer, config, arch, kind, name)
     _write_tokenizer(writer, tokenizer, pre, tokenizer_dir, config.vocab_size)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
     types = {k: getattr(gguf.GGMLQuantizationType, k.upper()) for k in KINDS}
