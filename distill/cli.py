@@ -21,6 +21,34 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", help="write here instead of the recipe's output_dir")
 
 
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export", help="export a model dir to GGUF, compressed-tensors or safetensors"
+    )
+    p.add_argument("model_dir")
+    p.add_argument(
+        "--format",
+        required=True,
+        metavar="FORMAT",
+        help="safetensors-bf16, safetensors-fp16, gguf-f32, gguf-f16, gguf-bf16, gguf-q8_0, "
+        "gguf-q4_0, ct-w4a16, ct-w8a16",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=-1,
+        help="ct-*: input columns per scale, 32, 64 or 128 (default 32), 0 = per output channel",
+    )
+    p.add_argument("--embeddings", help="gguf-*: type of token embeddings and output: q8_0 or f16")
+    p.add_argument("--dtype", help="ct-*: dtype of scales and float tensors (default bfloat16)")
+    p.add_argument("--out", help="output directory (default: MODEL_DIR-FORMAT beside it)")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="load the export back (transformers; llama.cpp too when installed) and generate",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distill",
@@ -107,31 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paths", default="chunked,naive", help="loss paths to compare")
     p.add_argument("--json", dest="json_path", help="also write the results as JSON here")
 
-    p = sub.add_parser(
-        "export", help="export a model dir to GGUF, compressed-tensors or safetensors"
-    )
-    p.add_argument("model_dir")
-    p.add_argument(
-        "--format",
-        required=True,
-        metavar="FORMAT",
-        help="safetensors-bf16, safetensors-fp16, gguf-f32, gguf-f16, gguf-bf16, gguf-q8_0, "
-        "gguf-q4_0, ct-w4a16, ct-w8a16",
-    )
-    p.add_argument(
-        "--group-size",
-        type=int,
-        default=-1,
-        help="ct-*: input columns per scale, 32, 64 or 128 (default 32), 0 = per output channel",
-    )
-    p.add_argument("--embeddings", help="gguf-*: type of token embeddings and output: q8_0 or f16")
-    p.add_argument("--dtype", help="ct-*: dtype of scales and float tensors (default bfloat16)")
-    p.add_argument("--out", help="output directory (default: MODEL_DIR-FORMAT beside it)")
-    p.add_argument(
-        "--verify",
-        action="store_true",
-        help="load the export back (transformers; llama.cpp too when installed) and generate",
-    )
+    _add_export_parser(sub)
 
     p = sub.add_parser("report", help="rewrite report.md/png from a run's summary.json")
     p.add_argument("output_dir")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distill.compress.grids import check_widths, target_grid
-from distill.config import RecipeError
+from distill.errors import RecipeError
 
 # The subnormal block overflows 1/d to inf in gguf's numpy code as in llama.cpp's C: both give
 # codes that do not matter, since the fp16 scale is 0; numpy warns about it.

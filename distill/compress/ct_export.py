@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from distill.compress.grids import SCALE_DTYPES, Grid, check_widths
-from distill.config import RecipeError
+from distill.errors import RecipeError
 
 IGNORED = ("lm_head",)
 """Linears kept in float: the output head (also when tied to the embeddings, which are never

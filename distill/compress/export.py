@@ -23,8 +23,16 @@ from pathlib import Path
 
 import torch
 
+from distill.compress.ct_export import export_compressed_tensors, linear_bytes_ratio
+from distill.compress.gguf_export import (
+    EMBEDDING_KINDS,
+    export_gguf,
+    gguf_architecture,
+    quantized_bytes_ratio,
+)
 from distill.compress.grids import Grid, target_grid
-from distill.config import RecipeError
+from distill.errors import RecipeError
+from distill.models import dir_size_bytes, load_pretrained, load_tokenizer
 
 FORMATS = (
     "safetensors-bf16",
@@ -85,8 +93,6 @@ def plan_export(
 ) -> ExportPlan:
     """Validate a format and its options; RecipeError naming the nearest supported choice.
     ``group_size``: -1 = the format's default, None or 0 = per output channel."""
-    from distill.compress.gguf_export import EMBEDDING_KINDS
-
     if format not in FORMATS:
         raise RecipeError(f"export format {format!r}: supported are {', '.join(FORMATS)}")
     group_size = None if group_size == 0 else group_size
@@ -138,8 +144,6 @@ def export_model(
     """Export the transformers model saved in ``model_dir`` to ``format`` under ``out_dir``."""
     from transformers import AutoConfig
 
-    from distill.models import dir_size_bytes, load_pretrained, load_tokenizer
-
     plan = plan_export(format, group_size, embeddings, dtype)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
@@ -147,8 +151,6 @@ def export_model(
             f"export: {model_dir} has no config.json (not a saved transformers model)"
         )
     if plan.gguf_kind:
-        from distill.compress.gguf_export import gguf_architecture
-
         gguf_architecture(AutoConfig.from_pretrained(model_dir))
     trained = trained_grid_name(model_dir)
     # GGUF tensors are upcast one at a time (exactly); compressed-tensors compresses in float32.
@@ -158,8 +160,6 @@ def export_model(
     grid = plan.grid.name() if plan.grid else None
     result = ExportResult(format, str(model_dir), str(out_dir), 0, grid, trained)
     if plan.gguf_kind:
-        from distill.compress.gguf_export import export_gguf, quantized_bytes_ratio
-
         path = out_dir / f"model-{plan.gguf_kind.upper()}.gguf"
         export_gguf(model, model_dir, path, plan.gguf_kind, plan.embeddings)
         result.path, result.size_bytes = str(path), path.stat().st_size
@@ -167,8 +167,6 @@ def export_model(
             result.linear_bytes_ratio = quantized_bytes_ratio(path, plan.gguf_kind)
         return result
     if plan.grid is not None:
-        from distill.compress.ct_export import export_compressed_tensors, linear_bytes_ratio
-
         export_compressed_tensors(model, tokenizer, out_dir, plan.grid, plan.dtype)
         result.linear_bytes_ratio = linear_bytes_ratio(out_dir)
     else:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from distill.config import RecipeError
+from distill.errors import RecipeError
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.config import RecipeError
+from distill.errors import RecipeError
 
 GGUF_BLOCK = 32
 CT_BITS = (4, 8)
