@@ -15,6 +15,9 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from distill.compress.targets import EXPORT_FORMATS, resolve_target
+from distill.errors import RecipeError
+
 LOGIT_LOSS_KINDS = (
     "forward_kl",
     "reverse_kl",
@@ -294,6 +297,12 @@ class QuantSpec(Section):
     """Linear layers (name patterns) left in full precision; embeddings are never quantized."""
     scale_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     """Dtype the per-group scales are rounded to and stored in."""
+    target: Literal["compressed-tensors", "gguf-q4_0", "gguf-q8_0"] | None = None
+    """Round exactly as this export format's own quantizer does (the grid an `export` stage
+    writes), so the exported model is not rounded a second time. gguf-q4_0: 4 bits in blocks of
+    32; gguf-q8_0: 8 bits in blocks of 32 (bits default to the format's); compressed-tensors:
+    symmetric int4/int8 in groups of 32/64/128 or null, bf16/fp16 scales. null: torchao's affine
+    formula (what the packed `convert` format stores)."""
 
     @field_validator("group_size")
     @classmethod
@@ -301,6 +310,30 @@ class QuantSpec(Section):
         if v is not None and v not in (16, 32, 64, 128, 256):
             raise ValueError(f"group_size must be one of 16, 32, 64, 128, 256 or null; got {v}")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _target_bits(cls, data: Any) -> Any:
+        # A GGUF type fixes the bits: `target: gguf-q8_0` alone means 8 bits.
+        if isinstance(data, dict) and data.get("target") in ("gguf-q4_0", "gguf-q8_0"):
+            data = {"bits": 4 if data["target"] == "gguf-q4_0" else 8, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _fits_target(self) -> QuantSpec:
+        if self.target is None:
+            return self
+        if self.activations is not None:
+            raise ValueError(
+                f"target {self.target} holds weight-only schemes (W4A16/W8A16, GGUF types); "
+                "remove `activations`"
+            )
+        scale_dtype = self.scale_dtype if self.target == "compressed-tensors" else "bfloat16"
+        try:
+            resolve_target(self.target, self.bits, self.group_size, self.symmetric, scale_dtype)
+        except RecipeError as err:
+            raise ValueError(str(err)) from None
+        return self
 
 
 class EvalSpec(Section):
@@ -373,8 +406,29 @@ class ConvertStage(StageBase):
     """Scheme to convert to (default: the scheme of the `qat`/`ptq` stage named in `model`)."""
 
 
+class ExportStage(StageBase):
+    kind: Literal["export"]
+    formats: list[str] = Field(min_length=1)
+    """Formats to write, each loaded back and evaluated through its runtime: ct-w4a16, ct-w8a16
+    (compressed-tensors for vLLM), gguf-q4_0, gguf-q8_0, gguf-f16, gguf-bf16, gguf-f32
+    (llama.cpp), safetensors-bf16, safetensors-fp16."""
+    group_size: int | None | Literal["auto"] = "auto"
+    """compressed-tensors: input columns per scale (32, 64, 128; null: per output channel); auto:
+    the group of the `ptq`/`qat` scheme the model was trained with, else 32."""
+    embeddings: Literal["q8_0", "f16"] | None = None
+    """GGUF: the type of token embeddings and output head (default: Q8_0 in Q4_0/Q8_0 files)."""
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, v: list[str]) -> list[str]:
+        bad = [f for f in v if f not in EXPORT_FORMATS]
+        if bad:
+            raise ValueError(f"unknown formats {bad}; supported: {', '.join(EXPORT_FORMATS)}")
+        return v
+
+
 Stage = Annotated[
-    Union[TrainStage, DistillStage, PruneStage, PtqStage, QatStage, ConvertStage],  # noqa: UP007
+    Union[TrainStage, DistillStage, PruneStage, PtqStage, QatStage, ConvertStage, ExportStage],  # noqa: UP007
     Field(discriminator="kind"),
 ]
 
@@ -426,6 +480,7 @@ class Recipe(Section):
     def _references(self) -> Recipe:
         seen: list[str] = []
         converted: set[str] = set()
+        exported: set[str] = set()
         for i, stage in enumerate(self.stages):
             if stage.name in seen:
                 raise ValueError(f"stages.{i}.name: stage name {stage.name!r} is used twice")
@@ -436,6 +491,11 @@ class Recipe(Section):
             if teacher is not None:
                 refs.append(("teacher.model", teacher.model))
             for key, ref in refs:
+                if ref in exported:
+                    raise ValueError(
+                        f"stages.{i}.{key}: {ref!r} is an `export` stage; its files are for "
+                        "servers; name the stage it exported instead"
+                    )
                 if ref in converted:
                     raise ValueError(
                         f"stages.{i}.{key}: {ref!r} is a `convert` stage; its packed low-bit "
@@ -454,6 +514,8 @@ class Recipe(Section):
             seen.append(stage.name)
             if stage.kind == "convert":
                 converted.add(stage.name)
+            if stage.kind == "export":
+                exported.add(stage.name)
         return self
 
     @property

@@ -31,20 +31,10 @@ from distill.compress.gguf_export import (
     quantized_bytes_ratio,
 )
 from distill.compress.grids import Grid, target_grid
+from distill.compress.targets import EXPORT_FORMATS
 from distill.errors import RecipeError
 from distill.models import dir_size_bytes, load_pretrained, load_tokenizer
 
-FORMATS = (
-    "safetensors-bf16",
-    "safetensors-fp16",
-    "gguf-f32",
-    "gguf-f16",
-    "gguf-bf16",
-    "gguf-q8_0",
-    "gguf-q4_0",
-    "ct-w4a16",
-    "ct-w8a16",
-)
 QUANT_FILE = "distill_quant.json"
 """Written by `ptq`/`qat` stages beside the float weights: the scheme they fake-quantize with."""
 
@@ -72,6 +62,7 @@ class ExportResult:
 
     format: str
     source: str
+    """The directory of the source model's tokenizer (what the export must tokenize like)."""
     path: str
     size_bytes: int
     grid: str | None = None
@@ -93,8 +84,8 @@ def plan_export(
 ) -> ExportPlan:
     """Validate a format and its options; RecipeError naming the nearest supported choice.
     ``group_size``: -1 = the format's default, None or 0 = per output channel."""
-    if format not in FORMATS:
-        raise RecipeError(f"export format {format!r}: supported are {', '.join(FORMATS)}")
+    if format not in EXPORT_FORMATS:
+        raise RecipeError(f"export format {format!r}: supported are {', '.join(EXPORT_FORMATS)}")
     group_size = None if group_size == 0 else group_size
     if embeddings is not None and not format.startswith("gguf-"):
         raise RecipeError(f"--embeddings applies to GGUF formats only, not {format}")
@@ -140,8 +131,10 @@ def export_model(
     group_size: int | None = -1,
     embeddings: str | None = None,
     dtype: str | None = None,
+    tokenizer_dir: str | Path | None = None,
 ) -> ExportResult:
-    """Export the transformers model saved in ``model_dir`` to ``format`` under ``out_dir``."""
+    """Export the transformers model saved in ``model_dir`` to ``format`` under ``out_dir``, with
+    the tokenizer of ``tokenizer_dir`` (default: ``model_dir``)."""
     from transformers import AutoConfig
 
     plan = plan_export(format, group_size, embeddings, dtype)
@@ -156,12 +149,13 @@ def export_model(
     # GGUF tensors are upcast one at a time (exactly); compressed-tensors compresses in float32.
     load_dtype = "auto" if plan.gguf_kind else "float32"
     model = load_pretrained(str(model_dir), what="model to export", dtype=load_dtype)
-    tokenizer = load_tokenizer(str(model_dir), what="model to export")
+    tokenizer_dir = Path(tokenizer_dir or model_dir)
+    tokenizer = load_tokenizer(str(tokenizer_dir), what="model to export")
     grid = plan.grid.name() if plan.grid else None
-    result = ExportResult(format, str(model_dir), str(out_dir), 0, grid, trained)
+    result = ExportResult(format, str(tokenizer_dir), str(out_dir), 0, grid, trained)
     if plan.gguf_kind:
         path = out_dir / f"model-{plan.gguf_kind.upper()}.gguf"
-        export_gguf(model, model_dir, path, plan.gguf_kind, plan.embeddings)
+        export_gguf(model, tokenizer_dir, path, plan.gguf_kind, plan.embeddings, model_dir)
         result.path, result.size_bytes = str(path), path.stat().st_size
         if plan.grid is not None:
             result.linear_bytes_ratio = quantized_bytes_ratio(path, plan.gguf_kind)
@@ -202,6 +196,11 @@ def load_exported(result: ExportResult, dtype: torch.dtype = torch.float32):
     else:
         kwargs = {}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
+    if result.format.startswith("ct-"):
+        # compressed-tensors may leave the weights packed until the whole model's first forward
+        # (a hook on it); run one now, so code that calls the decoder directly sees plain weights.
+        with torch.no_grad():
+            model(torch.zeros(1, 1, dtype=torch.long))
     return model, AutoTokenizer.from_pretrained(path, **kwargs)
 
 

@@ -72,6 +72,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.compress.grids import Grid, target_grid
+
 ACTIVATION_MODES = (None, "int8_dynamic")
 SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _NAME_RE = re.compile(r"^int(\d+)-(?:g(\d+)|pc)-(sym|asym)(\+a8)?$")
@@ -95,6 +97,9 @@ class QuantScheme:
     linear that shares its weight with an embedding (tied lm_head), are never quantized."""
     scale_dtype: str = "bfloat16"
     """Dtype the scales are rounded to and stored in: bfloat16, float16 or float32."""
+    target: str | None = None
+    """An export format whose own quantizer the rounding reproduces ("gguf-q4_0", "gguf-q8_0",
+    "compressed-tensors"; see distill.compress.grids); None: torchao's affine formula above."""
 
     def __post_init__(self) -> None:
         # YAML gives lists; keep the dataclass hashable and comparable.
@@ -129,8 +134,16 @@ class QuantScheme:
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1
 
+    def grid(self) -> Grid:
+        """The target format's grid (only for a scheme with a ``target``)."""
+        scale_dtype = self.scale_dtype if self.target == "compressed-tensors" else "bfloat16"
+        return target_grid(self.target, self.bits, self.group_size, self.symmetric, scale_dtype)
+
     def name(self) -> str:
-        """Short name, e.g. "int4-g32-sym", "int8-pc-sym", "int4-g32-sym+a8"."""
+        """Short name, e.g. "int4-g32-sym", "int8-pc-sym", "int4-g32-sym+a8"; a target's grid
+        name ("gguf-q4_0", "ct-int4-g32") when the scheme has one."""
+        if self.target is not None:
+            return self.grid().name()
         granularity = "pc" if self.group_size is None else f"g{self.group_size}"
         symmetry = "sym" if self.symmetric else "asym"
         suffix = "+a8" if self.activations == "int8_dynamic" else ""
@@ -270,6 +283,8 @@ def fake_quantize_weight(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     a step past the top code and is clamped to it. Its gradient also passes unchanged: every element
     of ``w`` gets exactly the incoming gradient, so the weight that sets the scale keeps training.
     """
+    if scheme.target is not None:
+        return scheme.grid().fake_quantize(w)
     return _StraightThrough.apply(w, lambda t: _weight_quant_dequant(t, scheme))
 
 

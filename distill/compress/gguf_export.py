@@ -72,10 +72,16 @@ def check_gguf_shapes(model, kind: str, embeddings: str) -> None:
 
 
 def export_gguf(
-    model, tokenizer_dir: str | Path, path: str | Path, kind: str, embeddings: str | None = None
+    model,
+    tokenizer_dir: str | Path,
+    path: str | Path,
+    kind: str,
+    embeddings: str | None = None,
+    model_dir: str | Path | None = None,
 ) -> Path:
     """Write ``model`` (a Llama/Mistral/Qwen2/Qwen3 causal LM) as one GGUF file of type ``kind``,
-    with the tokenizer saved in ``tokenizer_dir``."""
+    with the tokenizer saved in ``tokenizer_dir``; ``model_dir`` (where the model was saved)
+    names it in the file's metadata."""
     import gguf
 
     if kind not in KINDS:
@@ -93,7 +99,7 @@ def export_gguf(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(path, arch)
-    source = Path(tokenizer_dir).resolve()
+    source = Path(model_dir or tokenizer_dir).resolve()
     # A stage's weights live in <stage>/model: the stage name says more than "model".
     name = source.parent.name if source.name == "model" else source.name
     _write_hparams(writer, config, arch, kind, name)

@@ -24,19 +24,14 @@ computes it exactly and a bf16/fp16 runtime rounds it once, as a model fake-quan
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from distill.compress.targets import CT_GROUP_SIZES, resolve_target
 from distill.errors import RecipeError
 
-GGUF_BLOCK = 32
-CT_BITS = (4, 8)
-CT_GROUP_SIZES = (32, 64, 128)
-"""Group sizes vLLM's compressed-tensors W4A16/W8A16 kernels serve (None: one scale per row)."""
 SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-TARGETS = ("gguf-q4_0", "gguf-q8_0", "compressed-tensors")
 
 
 @dataclass(frozen=True)
@@ -147,13 +142,6 @@ def _ct_symmetric(groups: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch
     return codes.to(torch.int8), scale.to(scale_dtype)
 
 
-# --- choosing a grid: what each format can represent ---------------------------------------------
-
-
-def _nearest(value: int, choices: tuple[int, ...]) -> int:
-    return min(choices, key=lambda c: (abs(math.log2(c) - math.log2(value)), c))
-
-
 def target_grid(
     target: str,
     bits: int | None = None,
@@ -161,65 +149,9 @@ def target_grid(
     symmetric: bool = True,
     scale_dtype: str = "bfloat16",
 ) -> Grid:
-    """The grid of ``target`` for a scheme, or a RecipeError naming the nearest supported choice.
-
-    ``group_size=-1`` takes the target's default (GGUF: 32; compressed-tensors: 32); None asks for
-    one scale per output channel. ``scale_dtype`` applies to compressed-tensors (GGUF stores fp16).
-    """
-    if target not in TARGETS:
-        raise RecipeError(f"quantization target {target!r}: supported are {', '.join(TARGETS)}")
-    if target.startswith("gguf"):
-        return _gguf_grid(target, bits, group_size, symmetric)
-    if bits is None:
-        bits = 4
-    if bits not in CT_BITS:
-        nearest = min(CT_BITS, key=lambda b: (abs(b - bits), -b))
-        raise RecipeError(
-            f"compressed-tensors: int{bits} weights are not served by vLLM's compressed-tensors "
-            f"kernels; use bits={nearest} (W{nearest}A16); supported: {list(CT_BITS)}"
-        )
-    if not symmetric:
-        raise RecipeError(
-            "compressed-tensors export here is symmetric only (W4A16/W8A16 with zero points "
-            "fixed at 0); use symmetric quantization (an `-sym` scheme)"
-        )
-    if group_size == -1:
-        group_size = 32
-    if group_size is not None and group_size not in CT_GROUP_SIZES:
-        raise RecipeError(
-            f"compressed-tensors: group_size {group_size} is not one of the served group sizes "
-            f"{list(CT_GROUP_SIZES)} or per channel; nearest: "
-            f"{_nearest(max(group_size, 1), CT_GROUP_SIZES)}"
-        )
-    if scale_dtype not in ("bfloat16", "float16"):
-        raise RecipeError(
-            f"compressed-tensors: scale_dtype {scale_dtype!r}: vLLM computes with scales in the "
-            "activation dtype; use bfloat16 or float16"
-        )
-    return Grid("compressed-tensors", bits, group_size, scale_dtype)
-
-
-def _gguf_grid(target: str, bits: int | None, group_size: int | None, symmetric: bool) -> Grid:
-    fmt_bits = 4 if target == "gguf-q4_0" else 8
-    if bits is not None and bits != fmt_bits:
-        nearest = "gguf-q4_0" if bits <= 6 else "gguf-q8_0"
-        raise RecipeError(
-            f"{target}: holds {fmt_bits}-bit weights, not int{bits}; GGUF has no int{bits} "
-            f"format written here: use {nearest} ({4 if nearest == 'gguf-q4_0' else 8} bits)"
-        )
-    if not symmetric:
-        raise RecipeError(
-            f"{target}: the format has no zero point (its codes are centred on 0); use "
-            "symmetric quantization (an `-sym` scheme)"
-        )
-    if group_size not in (-1, GGUF_BLOCK):
-        what = "per-channel scales" if group_size is None else f"group_size {group_size}"
-        raise RecipeError(
-            f"{target}: blocks are always {GGUF_BLOCK} weights; {what} cannot be represented; "
-            f"use group_size {GGUF_BLOCK} (or compressed-tensors for groups of 64/128 or "
-            "per channel)"
-        )
-    return Grid(target, fmt_bits, GGUF_BLOCK, "float16")
+    """The grid of ``target`` for a scheme (see ``resolve_target``), or a RecipeError naming the
+    nearest supported choice."""
+    return Grid(*resolve_target(target, bits, group_size, symmetric, scale_dtype))
 
 
 def check_widths(grid: Grid, in_features_by_name: dict[str, int]) -> None:

@@ -17,6 +17,7 @@ import time
 from distill.config import Recipe
 from distill.recipe_file import recipe_to_yaml
 from distill.run.context import STAGE_DONE, RunContext, ref_fingerprint, stage_dir
+from distill.run.export_stage import run_export_stage
 from distill.run.prepare import prepare_tokenizer_and_data
 from distill.run.prune_stage import run_prune_stage
 from distill.run.quant_stages import run_convert_stage, run_ptq_stage
@@ -136,4 +137,5 @@ RUNNERS = {
     "prune": run_prune_stage,
     "ptq": run_ptq_stage,
     "convert": run_convert_stage,
+    "export": run_export_stage,
 }

@@ -38,6 +38,7 @@ def _scheme(quant: QuantSpec):
         activations=quant.activations,
         exclude=tuple(quant.exclude),
         scale_dtype=quant.scale_dtype,
+        target=quant.target,
     )
 
 
@@ -117,6 +118,12 @@ def run_convert_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
         raise RecipeError(
             f"stage {stage.name!r}: `convert` needs a scheme: set `quant` on the stage, or convert "
             "the output of a `qat` or `ptq` stage"
+        )
+    if quant.target is not None:
+        raise RecipeError(
+            f"stage {stage.name!r}: the scheme targets {quant.target}: write it with "
+            f"`kind: export` (formats: [...]), which rounds on that format's grid; `convert` "
+            "writes distill's own packed format"
         )
     scheme = _scheme(quant)
     model = load_ref(ctx, stage.model, "model to convert")

@@ -92,7 +92,29 @@ def _comparisons(entries: list[dict]) -> list[str]:
                 f"{ref} ({_fmt_bytes(e['size_bytes'])} vs {_fmt_bytes(by_name[ref]['size_bytes'])})"
                 f"{latency}"
             )
+        if e.get("kind") == "export" and ref in by_name:
+            out += _export_lines(e, by_name[ref])
     return out
+
+
+def _export_lines(export: dict, source: dict) -> list[str]:
+    """Each exported file's perplexity in each runtime against the stage it exported (for a
+    `qat`/`ptq` stage: its fake-quantized perplexity, which an export on the same grid keeps)."""
+    base = (source.get("eval") or {}).get("perplexity")
+    lines = []
+    for x in export.get("exports", []):
+        grid = x.get("grid") or "float"
+        trained = x.get("trained_grid")
+        onto = f" (trained on {trained})" if trained and trained != grid else ""
+        for runtime, m in x["runtimes"].items():
+            delta = (
+                f", {(m['perplexity'] / base - 1) * 100:+.2f} % vs {source['name']}" if base else ""
+            )
+            lines.append(
+                f"{export['name']}: {x['format']} on grid {grid}{onto} through {runtime}: "
+                f"perplexity {m['perplexity']:.2f}{delta}; {_fmt_bytes(x['size_bytes'])}"
+            )
+    return lines
 
 
 def _pruning_recovery(recovery: dict, pruned: dict) -> str:
