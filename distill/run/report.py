@@ -63,7 +63,7 @@ def _comparisons(entries: list[dict]) -> list[str]:
     by_name = {e["name"]: e for e in entries}
     for e in entries:
         ref = e.get("compare_to")
-        if ref and ref in by_name:
+        if ref and ref in by_name and e.get("kind") != "export":  # exports: one line per file
             a = (by_name[ref].get("eval") or {}).get("perplexity")
             b = (e.get("eval") or {}).get("perplexity")
             if a and b:
