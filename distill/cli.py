@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--mlp-fraction", type=float, default=0.25, help="width: fraction of MLP channels removed"
     )
     p.add_argument(
+        "--multiple-of",
+        type=int,
+        default=32,
+        help="width: MLP channels kept at a multiple of N (int4 groups, GGUF blocks); 1: exact",
+    )
+    p.add_argument(
         "--layers",
         help="depth: a count to remove (ranked on calibration data), or 0-based indices with "
         "commas: 1,3 (one index: 3,)",

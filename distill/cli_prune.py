@@ -23,6 +23,7 @@ _FLAG_NAMES = {
     "width_heads_fraction": "--heads-fraction",
     "width_mlp_fraction": "--mlp-fraction",
     "width_head_unit": "--head-unit",
+    "width_multiple_of": "--multiple-of",
     "depth_layers": "--layers",
 }
 
@@ -70,6 +71,7 @@ def run_prune_command(args) -> int:
             width_heads_fraction=args.heads_fraction,
             width_mlp_fraction=args.mlp_fraction,
             width_head_unit=args.head_unit,
+            width_multiple_of=args.multiple_of,
             depth_layers=depth_layers,
         )
     except ValueError as err:

@@ -269,6 +269,9 @@ class PruneSpec(Section):
     group (grouped-query attention only)."""
     mlp_fraction: float = Field(0.25, ge=0, lt=1)
     """Width: fraction of MLP channels removed."""
+    multiple_of: int = Field(32, ge=1)
+    """Width: MLP channels kept rounded to a multiple of this (32: what int4 groups and GGUF's
+    blocks of 32 need; 352 channels at 0.25 keep 256, not 264); 1: exactly the fraction."""
     layers: int | list[int] | None = None
     """Depth: how many layers to remove (ranked), or the explicit 0-based indices."""
     calibration_batches: int = Field(8, gt=0)

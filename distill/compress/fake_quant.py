@@ -198,7 +198,8 @@ class QuantScheme:
             f"{self.name()}: group_size {self.group_size} does not divide in_features "
             f"{layers}; use a group size that divides it "
             f"({', '.join(map(str, sizes)) or 'no power of two from 8 to 256 does'}), "
-            "group_size=None (per output channel), or add these modules to exclude"
+            "group_size=None (per output channel), or add these modules to exclude; a "
+            "width-pruned model: prune with `prune.multiple_of` set to the group size"
         )
 
 

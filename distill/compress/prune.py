@@ -89,6 +89,7 @@ def prune_model(
     width_heads_fraction: float = 0.25,
     width_mlp_fraction: float = 0.25,
     width_head_unit: str = "kv_group",
+    width_multiple_of: int = 1,
     depth_layers: int | list[int] | None = None,
     exclude: Sequence[str] = ("lm_head",),
 ) -> PruneResult:
@@ -96,7 +97,8 @@ def prune_model(
 
     `sparsity` and `scope` apply to magnitude/wanda (scope "global" to magnitude only); `n`, `m`,
     `scoring` to nm; `width_*_fraction` (share of heads / MLP channels removed) and
-    `width_head_unit` (remove whole "kv_group"s, or "query_head"s within every group) to width;
+    `width_head_unit` (remove whole "kv_group"s, or "query_head"s within every group) and
+    `width_multiple_of` (MLP channels kept rounded to a multiple of it) to width;
     `depth_layers` (a count to remove by rank, or explicit indices) to depth. `exclude` skips
     linears whose name contains any of its strings (unstructured and N:M only). Wanda scoring,
     width and ranked depth need `calibration`.
@@ -118,7 +120,13 @@ def prune_model(
         )
     if method == "width":
         details = _prune_width(
-            model, layers, width_heads_fraction, width_mlp_fraction, width_head_unit, calibration
+            model,
+            layers,
+            width_heads_fraction,
+            width_mlp_fraction,
+            width_head_unit,
+            calibration,
+            width_multiple_of,
         )
     else:
         details = _prune_depth(model, layers, depth_layers, calibration)

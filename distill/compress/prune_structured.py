@@ -32,6 +32,19 @@ def _count_removed(fraction: float, available: int, argument: str, what: str) ->
     return removed
 
 
+def _kept_multiple(kept: int, available: int, multiple: int) -> int:
+    """``kept`` rounded to the nearest multiple of ``multiple``, keeping at least one multiple and
+    still removing something: int4 groups and GGUF blocks need widths in multiples of 32."""
+    largest = (available - 1) // multiple * multiple
+    if largest < multiple:
+        raise ValueError(
+            f"width_multiple_of={multiple}: the MLP has {available} channels, too few to keep a "
+            f"multiple of {multiple} and remove any; use a smaller width_multiple_of (1 keeps "
+            "exactly the fraction)"
+        )
+    return min(max(round(kept / multiple) * multiple, multiple), largest)
+
+
 def _prune_width(
     model: nn.Module,
     layers: nn.ModuleList,
@@ -39,6 +52,7 @@ def _prune_width(
     mlp_fraction: float,
     head_unit: str,
     calibration: list[torch.Tensor] | None,
+    multiple_of: int = 1,
 ) -> dict:
     config = model.config
     num_heads, num_kv = config.num_attention_heads, config.num_key_value_heads
@@ -71,6 +85,10 @@ def _prune_width(
     channels_removed = _count_removed(
         mlp_fraction, intermediate, "width_mlp_fraction", "MLP channels"
     )
+    if channels_removed and multiple_of > 1:
+        channels_removed = intermediate - _kept_multiple(
+            intermediate - channels_removed, intermediate, multiple_of
+        )
     if heads_removed == 0 and channels_removed == 0:
         raise ValueError("width pruning with both fractions 0 removes nothing")
     new_intermediate = intermediate - channels_removed

@@ -41,6 +41,7 @@ def run_prune_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
             width_heads_fraction=p.heads_fraction,
             width_mlp_fraction=p.mlp_fraction,
             width_head_unit=p.head_unit,
+            width_multiple_of=p.multiple_of,
             depth_layers=p.layers,
         )
     except ValueError as err:  # sizes only known once the model is loaded (heads, layers, m)
@@ -78,6 +79,7 @@ _PRUNE_KEYS = {
     "width_heads_fraction": "heads_fraction",
     "width_mlp_fraction": "mlp_fraction",
     "width_head_unit": "head_unit",
+    "width_multiple_of": "multiple_of",
     "depth_layers": "layers",
 }
 
