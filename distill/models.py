@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distill.compress.ct_export import unpack_on_load
 from distill.config import ModelSpec
 from distill.errors import RecipeError
 from distill.recipe_file import looks_local
@@ -84,7 +85,7 @@ def load_pretrained(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as err:  # noqa: BLE001 - safetensors, OSError, ValueError...: same fix
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RecipeError(
@@ -93,6 +94,7 @@ def load_pretrained(
             "if it is a hub id, check the name, `revision` and network access "
             "(`trust_remote_code: true` for models with custom code)."
         ) from err
+    return unpack_on_load(model)  # a compressed-tensors export: weights unpacked now
 
 
 def load_tokenizer(path: str, what: str, trust_remote_code: bool = False):

@@ -115,3 +115,19 @@ def linear_bytes_ratio(out_dir: str | Path) -> float:
     if not bf16:
         raise RecipeError(f"{out_dir}: no packed weights found (not a pack-quantized checkpoint)")
     return packed / bf16
+
+
+def unpack_on_load(model):
+    """Run one forward of a compressed-tensors model transformers loaded: the package may keep the
+    weights packed until the whole model's first forward (a hook on it), and code that calls the
+    decoder directly (held-out evaluation) would find no ``weight``. Other models: unchanged."""
+    config = getattr(model.config, "quantization_config", None)
+    method = (
+        config.get("quant_method")
+        if isinstance(config, dict)
+        else getattr(config, "quant_method", None)
+    )
+    if method == "compressed-tensors":
+        with torch.no_grad():
+            model(torch.zeros(1, 1, dtype=torch.long, device=model.device))
+    return model

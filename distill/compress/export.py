@@ -23,7 +23,11 @@ from pathlib import Path
 
 import torch
 
-from distill.compress.ct_export import export_compressed_tensors, linear_bytes_ratio
+from distill.compress.ct_export import (
+    export_compressed_tensors,
+    linear_bytes_ratio,
+    unpack_on_load,
+)
 from distill.compress.gguf_export import (
     EMBEDDING_KINDS,
     export_gguf,
@@ -196,12 +200,7 @@ def load_exported(result: ExportResult, dtype: torch.dtype = torch.float32):
     else:
         kwargs = {}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
-    if result.format.startswith("ct-"):
-        # compressed-tensors may leave the weights packed until the whole model's first forward
-        # (a hook on it); run one now, so code that calls the decoder directly sees plain weights.
-        with torch.no_grad():
-            model(torch.zeros(1, 1, dtype=torch.long))
-    return model, AutoTokenizer.from_pretrained(path, **kwargs)
+    return unpack_on_load(model), AutoTokenizer.from_pretrained(path, **kwargs)
 
 
 def llama_cpp_model(gguf_path: str | Path, n_ctx: int = 0, n_threads: int | None = None):
