@@ -238,16 +238,9 @@ def cmd_eval(args) -> int:
 
     ctx.accelerator = make_accelerator(1)
     prepare_tokenizer_and_data(ctx)
-    quant_meta = os.path.join(args.model_dir, "quantization.json")
     fake_quant = os.path.join(args.model_dir, "distill_quant.json")
     scheme = None
-    if os.path.isfile(quant_meta):  # a `convert` stage's packed low-bit model
-        from distill.compress.packed import load_quantized
-
-        model = load_quantized(args.model_dir)
-        scheme = json.loads(Path(quant_meta).read_text())["scheme_name"]
-    else:
-        model = load_pretrained(args.model_dir, what="model to evaluate")
+    model = load_pretrained(args.model_dir, what="model to evaluate")
     if os.path.isfile(fake_quant):  # a `ptq`/`qat` stage's float weights: measured fake-quantized
         from distill.compress.fake_quant import QuantScheme, prepare_qat
 

@@ -305,7 +305,7 @@ class QuantSpec(Section):
     writes), so the exported model is not rounded a second time. gguf-q4_0: 4 bits in blocks of
     32; gguf-q8_0: 8 bits in blocks of 32 (bits default to the format's); compressed-tensors:
     symmetric int4/int8 in groups of 32/64/128 or null, bf16/fp16 scales. null: torchao's affine
-    formula (what the packed `convert` format stores)."""
+    formula (exports then round once more, onto the format's grid)."""
 
     @field_validator("group_size")
     @classmethod
@@ -403,12 +403,6 @@ class QatStage(TrainingStageBase):
     _teacher = field_validator("teacher", mode="before")(_teacher_from_string)
 
 
-class ConvertStage(StageBase):
-    kind: Literal["convert"]
-    quant: QuantSpec | None = None
-    """Scheme to convert to (default: the scheme of the `qat`/`ptq` stage named in `model`)."""
-
-
 class ExportStage(StageBase):
     kind: Literal["export"]
     formats: list[str] = Field(min_length=1)
@@ -417,7 +411,7 @@ class ExportStage(StageBase):
     (llama.cpp), safetensors-bf16, safetensors-fp16."""
     group_size: int | None | Literal["auto"] = "auto"
     """compressed-tensors: input columns per scale (32, 64, 128; null: per output channel); auto:
-    the group of the `ptq`/`qat` scheme the model was trained with, else 32."""
+    the group of the symmetric `ptq`/`qat` scheme the model was trained with, else 32."""
     embeddings: Literal["q8_0", "f16"] | None = None
     """GGUF: the type of token embeddings and output head (default: Q8_0 in Q4_0/Q8_0 files)."""
 
@@ -431,7 +425,7 @@ class ExportStage(StageBase):
 
 
 Stage = Annotated[
-    Union[TrainStage, DistillStage, PruneStage, PtqStage, QatStage, ConvertStage, ExportStage],  # noqa: UP007
+    Union[TrainStage, DistillStage, PruneStage, PtqStage, QatStage, ExportStage],  # noqa: UP007
     Field(discriminator="kind"),
 ]
 
@@ -482,7 +476,6 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _references(self) -> Recipe:
         seen: list[str] = []
-        converted: set[str] = set()
         exported: set[str] = set()
         for i, stage in enumerate(self.stages):
             if stage.name in seen:
@@ -499,13 +492,6 @@ class Recipe(Section):
                         f"stages.{i}.{key}: {ref!r} is an `export` stage; its files are for "
                         "servers; name the stage it exported instead"
                     )
-                if ref in converted:
-                    raise ValueError(
-                        f"stages.{i}.{key}: {ref!r} is a `convert` stage; its packed low-bit "
-                        "model is for inference (distill.compress.packed.load_quantized) and cannot be "
-                        "trained, pruned, quantized or used as a teacher; name the stage it was "
-                        "converted from instead"
-                    )
                 if ref not in seen and ref not in self.models:
                     allowed = list(dict.fromkeys(seen + list(self.models)))
                     close = difflib.get_close_matches(ref, allowed, n=1)
@@ -515,8 +501,6 @@ class Recipe(Section):
                         f"`models` (allowed: {', '.join(allowed) or 'none'}){hint}"
                     )
             seen.append(stage.name)
-            if stage.kind == "convert":
-                converted.add(stage.name)
             if stage.kind == "export":
                 exported.add(stage.name)
         return self

@@ -73,12 +73,6 @@ def load_pretrained(
             f"{what}: {path!r} has no config.json, so it is not a saved transformers model; "
             "point at the directory written by save_pretrained"
         )
-    if os.path.isdir(path) and (Path(path) / "quantization.json").is_file():
-        raise RecipeError(
-            f"{what}: {path!r} holds a converted low-bit model (written by a `convert` stage): it "
-            "is for inference only (load it with distill.compress.packed.load_quantized); to train, "
-            "prune or quantize, point at the float model it was converted from"
-        )
     kwargs = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
     if revision:
         kwargs["revision"] = revision

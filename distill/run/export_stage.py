@@ -22,6 +22,7 @@ from distill.compress.export import (
     plan_export,
 )
 from distill.compress.gguf_export import gguf_architecture
+from distill.compress.targets import CT_GROUP_SIZES
 from distill.config import QuantSpec
 from distill.errors import RecipeError
 from distill.models import count_params
@@ -33,13 +34,14 @@ RESULT_FILE = "exports.json"
 
 
 def _group_size(stage, source_dir: Path) -> int | None:
-    """`auto`: the group of the compressed-tensors scheme the model was trained on, else 32."""
+    """`auto`: the group of the symmetric scheme the model was fake-quantized with (`ptq`/`qat`),
+    else the format's default (32). 0 means one scale per output channel."""
     if stage.group_size != "auto":
         return 0 if stage.group_size is None else stage.group_size
     path = source_dir / QUANT_FILE
     if path.is_file():
         quant = QuantSpec.model_validate_json(path.read_text())
-        if quant.target == "compressed-tensors":
+        if quant.symmetric and quant.group_size in (*CT_GROUP_SIZES, None):
             return 0 if quant.group_size is None else quant.group_size
     return -1
 

@@ -20,7 +20,7 @@ from distill.run.context import STAGE_DONE, RunContext, ref_fingerprint, stage_d
 from distill.run.export_stage import run_export_stage
 from distill.run.prepare import prepare_tokenizer_and_data
 from distill.run.prune_stage import run_prune_stage
-from distill.run.quant_stages import run_convert_stage, run_ptq_stage
+from distill.run.quant_stages import run_ptq_stage
 from distill.run.report import write_report, write_summary
 from distill.run.train_stage import run_training_stage
 from distill.runtime import distributed
@@ -136,6 +136,5 @@ RUNNERS = {
     "qat": run_training_stage,
     "prune": run_prune_stage,
     "ptq": run_ptq_stage,
-    "convert": run_convert_stage,
     "export": run_export_stage,
 }

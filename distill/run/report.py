@@ -81,17 +81,6 @@ def _comparisons(entries: list[dict]) -> list[str]:
                 f"{ref} lost ({ptq['scheme']}: full precision {ptq['perplexity_before']:.2f}, "
                 f"ptq {ptq['eval']['perplexity']:.2f}, qat {e['eval']['perplexity']:.2f})"
             )
-        if e.get("kind") == "convert" and ref in by_name and by_name[ref].get("size_bytes"):
-            latency = (
-                f"; generation {e['latency_s']:.2f} s vs {e['float_latency_s']:.2f} s in float"
-                if e.get("latency_s") and e.get("float_latency_s")
-                else ""
-            )
-            out.append(
-                f"{e['name']}: {e['size_bytes'] / by_name[ref]['size_bytes']:.2f}x the bytes of "
-                f"{ref} ({_fmt_bytes(e['size_bytes'])} vs {_fmt_bytes(by_name[ref]['size_bytes'])})"
-                f"{latency}"
-            )
         if e.get("kind") == "export" and ref in by_name:
             out += _export_lines(e, by_name[ref])
     return out
