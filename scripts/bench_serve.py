@@ -99,6 +99,9 @@ def time_torch(model, prompt: list[int], new_tokens: int) -> tuple[float, float]
 
 
 def time_llama_cpp(llm, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    # reset() empties the KV cache first: generate() would otherwise reuse the cached prompt of
+    # the previous run and skip the prefill that TTFT measures.
+    llm.reset()
     start = time.perf_counter()
     steps = llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True)
     next(steps)

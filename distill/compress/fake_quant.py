@@ -413,7 +413,7 @@ def torchao_config(scheme: QuantScheme):
     if weight_dtype is None:
         raise ValueError(
             f"{scheme.name()}: torch {torch.__version__} has no torch.int{scheme.bits}, which "
-            "torchao's config needs (torch >= 2.6); prepare_qat/convert_model here do not need it"
+            "torchao's config needs (torch >= 2.6); prepare_qat here does not need it"
         )
     scale_dtype = SCALE_DTYPES[scheme.scale_dtype]
     if scheme.activations == "int8_dynamic":

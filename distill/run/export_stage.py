@@ -76,6 +76,7 @@ def _llama_cpp_perplexity(ctx: RunContext, stage, path: str) -> dict:
         ev = _eval_spec(ctx, stage)
         if ev.latency:
             prompt = ctx.data.eval[0, :16].tolist()
+            llm.reset()  # an empty KV cache: generate() would reuse a cached prefix
             start = time.perf_counter()
             steps = llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True)
             for _ in range(ev.latency_tokens):
