@@ -6,21 +6,23 @@ bf16, and in llama.cpp as GGUF F16, Q8_0 and Q4_0 written by distill's exporter.
     python scripts/bench_serve.py --json out.json --new-tokens 64 --threads 8
     python scripts/bench_serve.py --tiny          # a 2-layer model: checks the script runs
 
-Each backend: one untimed warm-up on the same prompt, then --repeats timed runs of a prompt of
---prompt-tokens ids (prefill, whose end is the first token: TTFT) and --new-tokens - 1 decode steps
-(tokens/s), greedy, never stopping at EOS; the best run is kept (on a shared machine the others
-measure the neighbours). llama.cpp needs llama-cpp-python (pip install 'distill[gguf]'); without it only torch runs.
+Each backend: one untimed warm-up on the same prompt, then --repeats rounds over all backends in
+turn, each a prompt of --prompt-tokens ids (prefill, whose end is the first token: TTFT) and
+--new-tokens - 1 decode steps (tokens/s), greedy, never stopping at EOS; the best round of each is
+kept (on a shared machine the others measure the neighbours). llama.cpp needs llama-cpp-python (pip install 'distill[gguf]'); without it only torch runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -114,61 +116,57 @@ def time_llama_cpp(llm, prompt: list[int], new_tokens: int) -> tuple[float, floa
     return ttft_s, (new_tokens - 1) / decode_s
 
 
-def best_of(repeats: int, measure) -> tuple[float, float]:
-    """The lowest TTFT and the highest tokens/s over ``repeats`` runs, after one warm-up."""
-    measure()
-    runs = [measure() for _ in range(repeats)]
-    return min(r[0] for r in runs), max(r[1] for r in runs)
+def backends(args, prompt: list[int], tmp: Path) -> tuple[int, list[tuple]]:
+    """(parameter count, [(name, size_bytes, measure, close)]) for every backend, all in memory,
+    so the rounds can interleave them."""
+    from distill.compress.export import llama_cpp_model
+    from distill.compress.gguf_export import export_gguf
+
+    start = time.perf_counter()
+    fp32 = build_model(args.shape)
+    params = sum(p.numel() for p in fp32.parameters())
+    print(f"built a {params / 1e9:.3f} B-parameter Llama in {time.perf_counter() - start:.0f} s")
+    out = []
+    if not args.torch_only:
+        for kind in GGUF_KINDS:
+            start = time.perf_counter()
+            path = export_gguf(fp32, tmp, tmp / f"model-{kind}.gguf", kind)
+            print(f"exported GGUF {kind} in {time.perf_counter() - start:.0f} s")
+            llm = llama_cpp_model(path, n_ctx=512, n_threads=args.threads)
+            measure = partial(time_llama_cpp, llm, prompt, args.new_tokens)
+            out.append((f"llama.cpp {kind.upper()}", path.stat().st_size, measure, llm.close))
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    torch_rows = []
+    for name, model in (("torch float32", fp32), ("torch bfloat16", bf16)):
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        measure = partial(time_torch, model, prompt, args.new_tokens)
+        torch_rows.append((name, size, measure, None))
+    return params, torch_rows + out
 
 
 def run(args) -> dict:
-    from distill.compress.gguf_export import export_gguf
-
+    """Warm every backend up, then --repeats rounds over all of them (interleaved, so a busy spell
+    on a shared machine does not fall on one backend only); the best round of each is kept."""
     torch.set_num_threads(args.threads)
-    rows, gguf_paths = [], {}
     prompt = [(7 * i + 3) % 500 + 2 for i in range(args.prompt_tokens)]
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        tmp = Path(tmp)
-        save_tokenizer(tmp)
-        start = time.perf_counter()
-        model = build_model(args.shape)
-        params = sum(p.numel() for p in model.parameters())
-        print(
-            f"built a {params / 1e9:.3f} B-parameter Llama in {time.perf_counter() - start:.0f} s"
-        )
-        for dtype in (torch.float32, torch.bfloat16):
-            model.to(dtype)
-            ttft_s, tokens_per_s = best_of(
-                args.repeats, lambda model=model: time_torch(model, prompt, args.new_tokens)
-            )
-            size = sum(p.numel() * p.element_size() for p in model.parameters())
-            name = f"torch {str(dtype).removeprefix('torch.')}"
-            rows.append(
-                dict(backend=name, size_bytes=size, ttft_s=ttft_s, tokens_per_s=tokens_per_s)
-            )
-            print(f"{name}: {tokens_per_s:.2f} tok/s, TTFT {ttft_s:.2f} s")
-            if dtype == torch.float32 and not args.torch_only:
-                for kind in GGUF_KINDS:
-                    start = time.perf_counter()
-                    path = export_gguf(model, tmp, tmp / f"model-{kind}.gguf", kind)
-                    gguf_paths[kind] = path
-                    print(f"exported GGUF {kind} in {time.perf_counter() - start:.0f} s")
-        del model
-        if gguf_paths:
-            from distill.compress.export import llama_cpp_model
-
-            for kind, path in gguf_paths.items():
-                llm = llama_cpp_model(path, n_ctx=512, n_threads=args.threads)
-                ttft_s, tokens_per_s = best_of(
-                    args.repeats, lambda llm=llm: time_llama_cpp(llm, prompt, args.new_tokens)
-                )
-                llm.close()
-                name = f"llama.cpp {kind.upper()}"
-                size = path.stat().st_size
-                rows.append(
-                    dict(backend=name, size_bytes=size, ttft_s=ttft_s, tokens_per_s=tokens_per_s)
-                )
-                print(f"{name}: {tokens_per_s:.2f} tok/s, TTFT {ttft_s:.2f} s")
+        save_tokenizer(Path(tmp))
+        params, todo = backends(args, prompt, Path(tmp))
+        for _, _, measure, _ in todo:
+            measure()
+        best = {name: (float("inf"), 0.0) for name, *_ in todo}
+        for round_ in range(args.repeats):
+            for name, _, measure, _ in todo:
+                ttft_s, tokens_per_s = measure()
+                best[name] = (min(best[name][0], ttft_s), max(best[name][1], tokens_per_s))
+                print(f"round {round_ + 1} {name}: {tokens_per_s:.2f} tok/s, TTFT {ttft_s:.2f} s")
+        for *_, close in todo:
+            if close is not None:
+                close()
+    rows = [
+        dict(backend=name, size_bytes=size, ttft_s=best[name][0], tokens_per_s=best[name][1])
+        for name, size, *_ in todo
+    ]
     fp32 = rows[0]["tokens_per_s"]
     f16 = next((r["tokens_per_s"] for r in rows if r["backend"] == "llama.cpp F16"), None)
     for row in rows:
@@ -212,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", dest="shape", action="store_const", const="tiny", default="0.5b")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per backend (best kept)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (best kept)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--torch-only", action="store_true", help="skip llama.cpp")
     parser.add_argument("--workdir", help="where the temporary GGUF files go (default: $TMPDIR)")
