@@ -96,7 +96,16 @@ def _measure(ctx: RunContext, stage, result: ExportResult) -> dict:
         runtimes["transformers"]["latency_s"] = latency_s
     if result.format.startswith("gguf-") and importlib.util.find_spec("llama_cpp") is not None:
         runtimes["llama.cpp"] = _llama_cpp_perplexity(ctx, stage, result.path)
-    return {**result.to_dict(), "params": count_params(model), "runtimes": runtimes}
+    return {**result.to_dict(), "params": _model_params(model), "runtimes": runtimes}
+
+
+def _model_params(model) -> int:
+    """The model's parameters, without what compressed-tensors leaves registered on unpacked
+    linears (their scales and shapes): the count of the model that was exported."""
+    leftovers = {"weight_scale", "weight_shape", "weight_zero_point", "weight_packed"}
+    return count_params(model) - sum(
+        p.numel() for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in leftovers
+    )
 
 
 def run_export_stage(ctx: RunContext, stage, fingerprint: str) -> dict:
