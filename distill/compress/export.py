@@ -213,8 +213,14 @@ def llama_cpp_model(gguf_path: str | Path, n_ctx: int = 0, n_threads: int | None
             "llama.cpp verification needs llama-cpp-python: pip install 'distill[gguf]' "
             "(it compiles llama.cpp; a few minutes)"
         ) from err
+    # n_threads_batch too: llama-cpp-python otherwise prefills with every core, whatever n_threads.
     return Llama(
-        model_path=str(gguf_path), n_ctx=n_ctx, logits_all=True, n_threads=n_threads, verbose=False
+        model_path=str(gguf_path),
+        n_ctx=n_ctx,
+        logits_all=True,
+        n_threads=n_threads,
+        n_threads_batch=n_threads,
+        verbose=False,
     )
 
 
