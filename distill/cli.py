@@ -67,6 +67,12 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
         help="width: fraction of MLP channels removed",
     )
     p.add_argument(
+        "--multiple-of",
+        type=int,
+        default=_default("multiple_of"),
+        help="width: MLP channels kept at a multiple of N (int4 groups, GGUF blocks); 1: exact",
+    )
+    p.add_argument(
         "--layers",
         help="depth: a count to remove (ranked on calibration data), or 0-based indices with "
         "commas: 1,3 (one index: 3,)",
@@ -90,6 +96,34 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
         choices=["auto", "float32", "bfloat16", "float16"],
         default="auto",
         help="load and save in this dtype (auto: as stored)",
+    )
+
+
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export", help="export a model dir to GGUF, compressed-tensors or safetensors"
+    )
+    p.add_argument("model_dir")
+    p.add_argument(
+        "--format",
+        required=True,
+        metavar="FORMAT",
+        help="safetensors-bf16, safetensors-fp16, gguf-f32, gguf-f16, gguf-bf16, gguf-q8_0, "
+        "gguf-q4_0, ct-w4a16, ct-w8a16",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=-1,
+        help="ct-*: input columns per scale, 32, 64 or 128 (default 32), 0 = per output channel",
+    )
+    p.add_argument("--embeddings", help="gguf-*: type of token embeddings and output: q8_0 or f16")
+    p.add_argument("--dtype", help="ct-*: dtype of scales and float tensors (default bfloat16)")
+    p.add_argument("--out", help="output directory (default: MODEL_DIR-FORMAT beside it)")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="load the export back (transformers; llama.cpp too when installed) and generate",
     )
 
 
@@ -131,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--paths", default="chunked,naive", help="loss paths to compare")
     p.add_argument("--json", dest="json_path", help="also write the results as JSON here")
+
+    _add_export_parser(sub)
 
     p = sub.add_parser("report", help="rewrite report.md/png from a run's summary.json")
     p.add_argument("output_dir")
@@ -233,16 +269,9 @@ def cmd_eval(args) -> int:
 
     ctx.accelerator = make_accelerator(1)
     prepare_tokenizer_and_data(ctx)
-    quant_meta = os.path.join(args.model_dir, "quantization.json")
     fake_quant = os.path.join(args.model_dir, "distill_quant.json")
     scheme = None
-    if os.path.isfile(quant_meta):  # a `convert` stage's packed low-bit model
-        from distill.compress.packed import load_quantized
-
-        model = load_quantized(args.model_dir)
-        scheme = json.loads(Path(quant_meta).read_text())["scheme_name"]
-    else:
-        model = load_pretrained(args.model_dir, what="model to evaluate")
+    model = load_pretrained(args.model_dir, what="model to evaluate")
     if os.path.isfile(fake_quant):  # a `ptq`/`qat` stage's float weights: measured fake-quantized
         from distill.compress.fake_quant import QuantSpec, prepare_qat
 
@@ -275,6 +304,21 @@ def cmd_bench(args) -> int:
     return run_bench_command(args)
 
 
+def cmd_export(args) -> int:
+    from distill.compress.export import export_model, plan_export, verify_export
+
+    plan_export(args.format, args.group_size, args.embeddings, args.dtype)  # fail before loading
+    out = args.out or f"{args.model_dir.rstrip('/')}-{args.format}"
+    result = export_model(
+        args.model_dir, out, args.format, args.group_size, args.embeddings, args.dtype
+    )
+    report = result.to_dict()
+    if args.verify:
+        report["verify"] = verify_export(result)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_report(args) -> int:
     from pathlib import Path
 
@@ -298,6 +342,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "prune": cmd_prune,
     "bench": cmd_bench,
+    "export": cmd_export,
     "report": cmd_report,
 }
 

@@ -210,6 +210,7 @@ def _spec_fields(args, depth_layers) -> dict:
         "heads_fraction": args.heads_fraction,
         "head_unit": args.head_unit,
         "mlp_fraction": args.mlp_fraction,
+        "multiple_of": args.multiple_of,
         "layers": depth_layers,
         "calibration_batches": args.calibration_batches,
     }

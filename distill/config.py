@@ -17,6 +17,7 @@ from pydantic import Field, field_validator, model_validator
 
 from distill.specs import LogitTerm, ObjectiveSpec, PruneSpec, QuantSpec, Section
 
+from distill.targets import EXPORT_FORMATS
 TRAINING_KINDS = ("train", "distill", "qat")
 
 
@@ -286,14 +287,29 @@ class QatStage(TrainingStageBase):
     _teacher = field_validator("teacher", mode="before")(_teacher_from_string)
 
 
-class ConvertStage(StageBase):
-    kind: Literal["convert"]
-    quant: QuantSpec | None = None
-    """Scheme to convert to (default: the scheme of the `qat`/`ptq` stage named in `model`)."""
+class ExportStage(StageBase):
+    kind: Literal["export"]
+    formats: list[str] = Field(min_length=1)
+    """Formats to write, each loaded back and evaluated through its runtime: ct-w4a16, ct-w8a16
+    (compressed-tensors for vLLM), gguf-q4_0, gguf-q8_0, gguf-f16, gguf-bf16, gguf-f32
+    (llama.cpp), safetensors-bf16, safetensors-fp16."""
+    group_size: int | None | Literal["auto"] = "auto"
+    """compressed-tensors: input columns per scale (32, 64, 128; null: per output channel); auto:
+    the group of the symmetric `ptq`/`qat` scheme the model was trained with, else 32."""
+    embeddings: Literal["q8_0", "f16"] | None = None
+    """GGUF: the type of token embeddings and output head (default: Q8_0 in Q4_0/Q8_0 files)."""
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, v: list[str]) -> list[str]:
+        bad = [f for f in v if f not in EXPORT_FORMATS]
+        if bad:
+            raise ValueError(f"unknown formats {bad}; supported: {', '.join(EXPORT_FORMATS)}")
+        return v
 
 
 Stage = Annotated[
-    Union[TrainStage, DistillStage, PruneStage, PtqStage, QatStage, ConvertStage],  # noqa: UP007
+    Union[TrainStage, DistillStage, PruneStage, PtqStage, QatStage, ExportStage],  # noqa: UP007
     Field(discriminator="kind"),
 ]
 
@@ -344,7 +360,7 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _references(self) -> Recipe:
         seen: list[str] = []
-        converted: set[str] = set()
+        exported: set[str] = set()
         for i, stage in enumerate(self.stages):
             if stage.name in seen:
                 raise ValueError(f"stages.{i}.name: stage name {stage.name!r} is used twice")
@@ -355,12 +371,10 @@ class Recipe(Section):
             if teacher is not None:
                 refs.append(("teacher.model", teacher.model))
             for key, ref in refs:
-                if ref in converted:
+                if ref in exported:
                     raise ValueError(
-                        f"stages.{i}.{key}: {ref!r} is a `convert` stage; its packed low-bit "
-                        "model is for inference (distill.compress.packed.load_quantized) and cannot be "
-                        "trained, pruned, quantized or used as a teacher; name the stage it was "
-                        "converted from instead"
+                        f"stages.{i}.{key}: {ref!r} is an `export` stage; its files are for "
+                        "servers; name the stage it exported instead"
                     )
                 if ref not in seen and ref not in self.models:
                     allowed = list(dict.fromkeys(seen + list(self.models)))
@@ -371,8 +385,8 @@ class Recipe(Section):
                         f"`models` (allowed: {', '.join(allowed) or 'none'}){hint}"
                     )
             seen.append(stage.name)
-            if stage.kind == "convert":
-                converted.add(stage.name)
+            if stage.kind == "export":
+                exported.add(stage.name)
         return self
 
     @property

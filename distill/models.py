@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distill.compress.ct_export import unpack_on_load
 from distill.config import ModelSpec
 from distill.errors import RecipeError
 from distill.recipe_file import looks_local
@@ -75,19 +76,13 @@ def load_pretrained(
             f"{what}: {path!r} has no config.json, so it is not a saved transformers model; "
             "point at the directory written by save_pretrained"
         )
-    if os.path.isdir(path) and (Path(path) / "quantization.json").is_file():
-        raise RecipeError(
-            f"{what}: {path!r} holds a converted low-bit model (written by a `convert` stage): it "
-            "is for inference only (load it with distill.compress.packed.load_quantized); to train, "
-            "prune or quantize, point at the float model it was converted from"
-        )
     kwargs = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
     if revision:
         kwargs["revision"] = revision
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as err:  # noqa: BLE001 - safetensors, OSError, ValueError...: same fix
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RecipeError(
@@ -96,6 +91,7 @@ def load_pretrained(
             "if it is a hub id, check the name, `revision` and network access "
             "(`trust_remote_code: true` for models with custom code)."
         ) from err
+    return unpack_on_load(model)  # a compressed-tensors export: weights unpacked now
 
 
 def load_tokenizer(path: str, what: str, trust_remote_code: bool = False):

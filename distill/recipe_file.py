@@ -132,9 +132,15 @@ def format_validation_error(err: ValidationError, raw: dict) -> str:
         elif e["type"] == "missing":
             lines.append(f"  {where}: required key is missing.")
         elif e["type"] == "union_tag_invalid" or e["type"] == "union_tag_not_found":
+            replaced = (
+                " (`convert` and its packed format were replaced by `kind: export` with "
+                "`formats: [ct-w4a16]`: compressed-tensors, which vLLM and transformers load)"
+                if (value.get("kind") if isinstance(value, dict) else value) == "convert"
+                else ""
+            )
             lines.append(
-                f"  {where}: stage `kind` must be one of train, distill, prune, ptq, qat, convert;"
-                f" got {_short(value)}."
+                f"  {where}: stage `kind` must be one of train, distill, prune, ptq, qat, export;"
+                f" got {_short(value)}{replaced}."
             )
         elif not loc:
             lines.append(f"  {e['msg'].removeprefix('Value error, ')}")

@@ -153,3 +153,78 @@ def same_weights(dir_a: Path, dir_b: Path) -> bool:
 
     a, b = load_file(dir_a / "model.safetensors"), load_file(dir_b / "model.safetensors")
     return a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+# --- tiny models with the quickstart's byte-level BPE, for the export tests ----------------------
+
+# Code, unicode and whitespace runs: what a tokenizer written into another format must keep.
+SHIP_TEXT = (
+    'def área(r: float) -> float:\n    """Zone 🚀 日本語 — naïve café."""\n'
+    "\treturn  3.14159 * r ** 2   # two  spaces,\ttab\n\n\n    \n"
+    "x = [1, 22, 333, 4444]; y = {'k': \"v\"}  \r\n  émoji: 😶‍🌫️ ✅ 🦙🦙  Ελληνικά  нещо\n"
+    "I've been 'told he's there, 'RE you sure?   \n\n"
+)
+
+
+@pytest.fixture(scope="session")
+def ship_tokenizer():
+    """A byte-level BPE trained as the quickstart trains its own (distill.data.train_tokenizer)."""
+    from distill.config import DataSpec, TokenizerTrainSpec
+    from distill.data import load_documents, train_tokenizer
+
+    docs = load_documents(DataSpec(stdlib=True, max_documents=40))
+    texts = [text for _, text in docs] + [SHIP_TEXT] * 3
+    return train_tokenizer(texts, TokenizerTrainSpec(vocab_size=400, min_frequency=2))
+
+
+def tiny_causal_lm(model_type: str, tokenizer, seed: int = 0, **fields):
+    """A 2-layer model of `model_type` (llama, mistral, qwen2, qwen3) with GQA, from a config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "max_position_embeddings": 128,
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+    }
+    config = AutoConfig.for_model(model_type, **{**shape, **fields})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # norms away from 1 so a misplaced norm weight shows in the logits
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def trained_llama_dir(tmp_path_factory, ship_tokenizer):
+    """A tiny Llama trained for a few steps on stdlib text (weights shaped by training), saved."""
+    import torch
+
+    from distill.config import DataSpec
+    from distill.data import load_documents, pack_documents
+
+    model = tiny_causal_lm("llama", ship_tokenizer).train()
+    docs = load_documents(DataSpec(stdlib=True, max_documents=40))
+    blocks = pack_documents([t for _, t in docs], ship_tokenizer, 64, "train")[:64]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(40):
+        batch = blocks[torch.randint(len(blocks), (8,))]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    out = tmp_path_factory.mktemp("trained") / "model"
+    model.eval().save_pretrained(out)
+    ship_tokenizer.save_pretrained(out)
+    return out

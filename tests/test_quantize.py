@@ -1,12 +1,11 @@
-"""distill.compress (fake_quant, packed) on tiny random Llama models: rounding, straight-through, QAT swap, conversion,
-the packed on-disk format and its size, and the errors for schemes that cannot work."""
+"""distill.compress.fake_quant on tiny random Llama models: rounding, straight-through, the QAT
+swap, target grids, and the errors for schemes that cannot work."""
 
+import copy
 import itertools
-import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -20,16 +19,6 @@ from distill.compress.fake_quant import (
     remove_fake_quant,
     set_fake_quant_enabled,
     torchao_config,
-)
-from distill.compress.packed import (
-    QuantizedLinear,
-    convert_model,
-    load_quantized,
-    pack_codes,
-    quantized_size_bytes,
-    save_quantized,
-    set_kernels_enabled,
-    unpack_codes,
 )
 from distill.runtime.evaluate import generate_latency_s
 from distill.specs import QuantSpec
@@ -182,20 +171,6 @@ def test_activation_fake_quant_is_per_token_int8():
     assert ((xq - x).abs() <= step * 0.51).all()
 
 
-@pytest.mark.parametrize("bits", range(2, 9))
-def test_pack_unpack_roundtrip(bits):
-    scheme = QuantSpec(bits=bits)
-    q = torch.randint(scheme.qmin, scheme.qmax + 1, (7, 13), dtype=torch.int8)
-    packed = pack_codes(q, bits)
-    assert packed.dtype == torch.uint8 and packed.numel() == (q.numel() * bits + 7) // 8
-    assert torch.equal(unpack_codes(packed, bits, q.numel()).reshape(q.shape), q)
-
-
-def test_int4_nibble_layout():
-    q = torch.tensor([-8, 7, 0, -1], dtype=torch.int8)  # stored as q + 8: 0, 15, 8, 7
-    assert pack_codes(q, 4).tolist() == [0 | 15 << 4, 8 | 7 << 4]
-
-
 # --- the scheme ----------------------------------------------------------------------------------
 
 
@@ -295,128 +270,35 @@ def test_exclude_patterns_and_tied_lm_head():
         prepare_qat(model, QuantSpec())
 
 
-def test_errors_for_out_of_order_calls(tmp_path):
+def test_errors_for_out_of_order_calls():
     model = tiny_llama()
     with pytest.raises(ValueError, match="prepare_qat"):
         set_fake_quant_enabled(model, True)
-    with pytest.raises(ValueError, match="convert_model"):
-        save_quantized(model, None, tmp_path, QuantSpec())
-    prepare_qat(model, QuantSpec(bits=4))
-    with pytest.raises(ValueError, match="prepared for QAT with int4-g32-sym"):
-        convert_model(model, QuantSpec(bits=3))
-    with pytest.raises(FileNotFoundError, match="from_pretrained"):
-        load_quantized(tmp_path)
 
 
-# --- conversion, export, reload ------------------------------------------------------------------
+# --- target grids ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "scheme_name,dtype,via_remove",
-    [
-        ("int4-g32-sym", torch.float32, True),
-        ("int3-pc-asym", torch.float32, False),
-        ("int4-g32-asym", torch.bfloat16, False),
-        ("int8-pc-sym+a8", torch.float32, True),
-    ],
-)
-def test_converted_equals_fake_quant_and_reloads(tmp_path, ids, scheme_name, dtype, via_remove):
-    scheme = QuantSpec.parse(scheme_name)
-    model = tiny_llama(dtype=dtype, tie=dtype == torch.bfloat16)
-    names = prepare_qat(model, scheme)
-    fake_logits = logits(model, ids)
-    if via_remove:
-        remove_fake_quant(model)
-    assert convert_model(model, scheme) == names
-    assert all(isinstance(model.get_submodule(name), QuantizedLinear) for name in names)
-    set_kernels_enabled(model, False)
-    # The converted weights are the fake-quantized ones, bit for bit; so are the logits.
-    torch.testing.assert_close(logits(model, ids), fake_logits, rtol=0, atol=0)
-    set_kernels_enabled(model, True)
-    converted_logits = logits(model, ids)  # int4/int8 CPU kernels: same weights, other rounding
-    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(converted_logits, fake_logits, rtol=tolerance, atol=tolerance)
+@pytest.mark.parametrize("target", ["gguf-q4_0", "gguf-q8_0", "compressed-tensors"])
+def test_a_target_scheme_fake_quantizes_on_the_target_grid(ids, target):
+    """prepare_qat with a target rounds as distill.compress.grids (checked there bit for bit
+    against the format's own quantizer), not with torchao's formula."""
+    from distill.compress.grids import target_grid
 
-    save_quantized(model, None, tmp_path, scheme)
-    meta = json.loads((tmp_path / "quantization.json").read_text())
-    assert meta["scheme_name"] == scheme_name and meta["modules"] == sorted(names)
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["quantization_config"]["quant_method"] == "distill-intx-packed"
-
-    reloaded = load_quantized(tmp_path)
-    assert torch.equal(logits(reloaded, ids), converted_logits)
-    if dtype == torch.bfloat16:
-        assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
-    # Importing distill.compress.packed registers the format: plain from_pretrained gives the same model.
-    via_transformers = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype)
-    assert all(isinstance(via_transformers.get_submodule(n), QuantizedLinear) for n in names)
-    assert torch.equal(logits(via_transformers, ids), converted_logits)
-    prompt = ids[:1, :4]
-    generated = reloaded.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    expected = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    assert generated.shape == (1, 10) and torch.equal(generated, expected)
-
-
-@pytest.mark.parametrize(
-    "scheme_name,kernel",
-    [("int4-g32-sym", "int4pack"), ("int4-g64-asym", "int4pack"), ("int8-pc-sym", "int8pack")],
-)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_kernels_match_reference_path(scheme_name, kernel, dtype):
-    scheme = QuantSpec.parse(scheme_name)
-    linear = nn.Linear(128, 48).to(dtype)
+    scheme = QuantSpec(bits=8 if target == "gguf-q8_0" else 4, target=target)
+    grid = target_grid(target, scheme.bits)
+    assert scheme.name() == grid.name()
+    model = tiny_llama()
+    reference = copy.deepcopy(model)
+    prepare_qat(model, scheme)
     with torch.no_grad():
-        linear.weight.copy_(random_weight(48, 128, dtype))
-    module = QuantizedLinear.from_linear(linear, scheme)
-    assert module.kernel == kernel
-    x = torch.randn(2, 5, 128).to(dtype)
-    fast = module(x)
-    module.use_kernel = False
-    reference = module(x)
-    assert torch.equal(reference, FakeQuantLinear.from_linear(linear, scheme)(x))
-    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(
-        fast, reference, rtol=tolerance, atol=tolerance * reference.abs().max()
-    )
-    # No kernel where it cannot serve: 3 bits, int8 groups, +a8, out_features % 16 != 0.
-    for other in ("int3-g32-sym", "int8-g32-sym", "int4-g32-sym+a8"):
-        assert QuantizedLinear(128, 48, QuantSpec.parse(other)).kernel is None
-    assert QuantizedLinear(128, 40, scheme).kernel is (None if kernel == "int4pack" else kernel)
-
-
-def quantized_linear_bytes(path, names):
-    with safe_open(str(path / "model.safetensors"), "pt") as weights:
-        return sum(
-            weights.get_tensor(key).nbytes
-            for key in weights.keys()  # noqa: SIM118 (safe_open has no __iter__)
-            if key.rpartition(".")[0] in names and not key.endswith(".bias")
-        )
-
-
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_int4_linear_bytes_under_0_3x_bf16(tmp_path, symmetric):
-    scheme = QuantSpec(bits=4, group_size=32, symmetric=symmetric)
-    model = tiny_llama(dtype=torch.bfloat16, hidden=128)
-    bf16_bytes = {
-        name: module.weight.nbytes
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear and name != "lm_head"
-    }
-    bf16_dir = tmp_path / "bf16"
-    model.save_pretrained(bf16_dir)
-    names = convert_model(model, scheme)
-    assert sorted(names) == sorted(bf16_bytes)
-    save_quantized(model, None, tmp_path / "int4", scheme)
-
-    int4_bytes = quantized_linear_bytes(tmp_path / "int4", set(names))
-    ratio = int4_bytes / sum(bf16_bytes.values())
-    # 0.5 byte per weight + a bf16 scale per 32 (+ an int8 zero point): 0.281 / 0.297
-    assert ratio <= 0.3, ratio
-    assert quantized_size_bytes(tmp_path / "int4") < 0.6 * quantized_size_bytes(bf16_dir)
+        for name, module in reference.named_modules():
+            if type(module) is nn.Linear and name != "lm_head":
+                module.weight.copy_(grid.fake_quantize(module.weight))
+    assert torch.equal(logits(model, ids), logits(reference, ids))
 
 
 def test_generate_latency_s(ids):
     model = tiny_llama()
-    convert_model(model, QuantSpec())
     latency_s = generate_latency_s(model, ids[0, :4], new_tokens=4)
     assert isinstance(latency_s, float) and latency_s > 0

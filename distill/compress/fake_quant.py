@@ -1,16 +1,17 @@
-"""Quantization: fake-quant linears for QAT, conversion to packed low-bit weights, export and load.
+"""Fake quantization for `ptq` and `qat`: the rounding a quantized model computes, in training.
 
 Flow: ``prepare_qat`` swaps linears for ``FakeQuantLinear`` (training sees the rounded weights, the
-gradient passes straight through); ``remove_fake_quant`` swaps them back; ``convert_model`` replaces
-linears by ``QuantizedLinear`` (packed integer codes + scales); ``save_quantized`` writes the
-directory that ``load_quantized`` reads.
+gradient passes straight through); ``remove_fake_quant`` swaps them back, leaving the float weights
+an `export` stage writes in a server's format (``distill.compress.export``).
 
-The rounding is torchao's affine formula (``choose_qparams_affine`` + ``quantize_affine``, as used by
-``IntxWeightOnlyConfig``), reproduced here in plain torch so that training, conversion and loading
-need no torchao; ``torchao_config(scheme)`` gives the torchao config that produces the same codes,
-and the tests check that equality bit for bit. Per row of the weight and per group of
-``group_size`` input columns (the whole row when ``group_size`` is None), with
-``qmin, qmax = -2**(bits-1), 2**(bits-1) - 1``::
+A scheme with a ``target`` ("gguf-q4_0", "gguf-q8_0", "compressed-tensors") rounds exactly as that
+format's own quantizer (``distill.compress.grids``, tested bit for bit against gguf.quants and
+compressed-tensors), so the export is not rounded a second time. Without a target the rounding is
+torchao's affine formula (``choose_qparams_affine`` + ``quantize_affine``, as used by
+``IntxWeightOnlyConfig``), reproduced here in plain torch; ``torchao_config(scheme)`` gives the
+torchao config that produces the same codes, and the tests check that equality bit for bit. Per
+row of the weight and per group of ``group_size`` input columns (the whole row when
+``group_size`` is None), with ``qmin, qmax = -2**(bits-1), 2**(bits-1) - 1``::
 
     symmetric:  scale = max(|w|) / ((qmax - qmin) / 2),          zero_point = 0
     asymmetric: scale = (max(w, 0) - min(w, 0)) / (qmax - qmin),
@@ -20,62 +21,31 @@ and the tests check that equality bit for bit. Per row of the weight and per gro
     w_hat = (q - zero_point) * scale
 
 Symmetric divides by 7.5 for int4 (not 7): the negative end uses code -8 fully and a group's
-largest positive weight lands half a step past code 7 and is clamped to it.
+largest positive weight lands half a step past code 7 and is clamped to it. (compressed-tensors
+uses the same formula but divides by the scale where torchao multiplies by its reciprocal: a
+different rounding in rare ties, hence the target grids.)
 
-On disk (``save_quantized``), a directory with:
-  - ``model.safetensors``: every tensor of the model's state_dict; for each quantized linear
-    ``<name>.qweight`` (uint8 bitstream of the codes), ``<name>.scale`` (``[out, in / group]``, in
-    ``scale_dtype``), ``<name>.zero_point`` (int8, asymmetric only) and ``<name>.bias`` if any.
-    Codes are stored as ``q - qmin`` (0 .. 2**bits - 1), row-major over ``[out, in]``, as a
-    little-endian bitstream: code i occupies bits ``i*bits .. i*bits+bits-1``, bit j of the stream is
-    bit ``j % 8`` of byte ``j // 8`` (for int4: even elements in the low nibble). Tied weights
-    (lm_head = embeddings) are stored once.
-  - ``quantization.json``: format, scheme, quantized module names, dtype, tied-weight aliases.
-  - ``config.json`` (with a ``quantization_config`` naming this format), tokenizer files.
-
-Load it with ``load_quantized``, or with ``AutoModelForCausalLM.from_pretrained`` once this module
-is imported (importing it registers the format with transformers' quantizer registry)::
-
-    from distill.compress.packed import load_quantized
-    from transformers import AutoTokenizer
-    model = load_quantized("runs/<name>/convert/model")          # device="cpu" by default
-    tokenizer = AutoTokenizer.from_pretrained("runs/<name>/convert/model")
-
-    import distill.compress.packed  # noqa: F401  (registers the format)
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained("runs/<name>/convert/model")
-
-Why not torchao's own storage: with torch 2.13 on x86 CPU, ``IntxWeightOnlyConfig`` keeps one int8
-per code (0.55x bf16 for int4, not 0.28x), its packed CPU layouts need KleidiAI (ARM) or torchao's
-C++ kernels (not built), and ``Int4WeightOnlyConfig`` needs mslk (CUDA). Why not torchao's QAT
-(``QATConfig`` + ``IntxFakeQuantizeConfig``, torchao 0.18): for symmetric schemes it rounds exactly
-as here (tested), but for asymmetric ones its zero point differs from its own converter's, so a
-model trained with it would not compute what the converted model computes.
-
-``QuantizedLinear`` keeps the packed codes in memory. On CPU, int4 (groups 32-256) and int8
-per-channel symmetric layers run torch's int4/int8 weight-only kernels; other schemes unpack and
-dequantize on every forward (a storage win, not a speed win). With float32 activations torch's
-int4 CPU kernel takes a generic path slower than a float32 matmul; with bfloat16 activations it is
-several times faster (``load_quantized(path, dtype=torch.bfloat16)``).
-``activations="int8_dynamic"`` is simulated (per-token quantize-dequantize of the input, as torchao's
-``Int8DynamicActivationIntxWeightConfig`` does with its unpacked format): the numerics of an int8
-kernel, not its speed.
+Why not torchao's QAT (``QATConfig`` + ``IntxFakeQuantizeConfig``, torchao 0.18): for symmetric
+schemes it rounds exactly as here (tested), but for asymmetric ones its zero point differs from its
+own converter's. ``activations="int8_dynamic"`` is simulated (per-token quantize-dequantize of the
+input, as torchao's ``Int8DynamicActivationIntxWeightConfig`` does with its unpacked format): the
+numerics of an int8 kernel, not its speed.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.compress.grids import Grid, target_grid
 from distill.specs import QuantSpec
 
-ACTIVATION_MODES = (None, "int8_dynamic")
 SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_NAME_RE = re.compile(r"^int(\d+)-(?:g(\d+)|pc)-(sym|asym)(\+a8)?$")
 
 
 def group_size_for(scheme: QuantSpec, in_features: int, module_name: str = "weight") -> int:
@@ -107,7 +77,10 @@ def check_divides(scheme: QuantSpec, in_features_by_name: dict[str, int]) -> Non
     )
 
 
-# --- the rounding: integer codes, dequantization, fake quantization -----------------------------
+def scheme_grid(scheme: QuantSpec) -> Grid:
+    """The target format's grid of a scheme with a ``target``."""
+    scale_dtype = scheme.scale_dtype if scheme.target == "compressed-tensors" else "bfloat16"
+    return target_grid(scheme.target, scheme.bits, scheme.group_size, scheme.symmetric, scale_dtype)
 
 
 def _qparams(w: torch.Tensor, scheme: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,6 +161,8 @@ def fake_quantize_weight(w: torch.Tensor, scheme: QuantSpec) -> torch.Tensor:
     a step past the top code and is clamped to it. Its gradient also passes unchanged: every element
     of ``w`` gets exactly the incoming gradient, so the weight that sets the scale keeps training.
     """
+    if scheme.target is not None:
+        return scheme_grid(scheme).fake_quantize(w)
     return _StraightThrough.apply(w, lambda t: _weight_quant_dequant(t, scheme))
 
 
@@ -207,9 +182,6 @@ def _activation_quant_dequant(x: torch.Tensor) -> torch.Tensor:
 def fake_quantize_activation(x: torch.Tensor) -> torch.Tensor:
     """Per-token dynamic int8 quantize-dequantize of ``x``; straight-through gradient."""
     return _StraightThrough.apply(x, _activation_quant_dequant)
-
-
-# --- bit packing ---------------------------------------------------------------------------------
 
 
 # --- modules -------------------------------------------------------------------------------------
@@ -234,7 +206,7 @@ class FakeQuantLinear(nn.Linear):
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.scheme = scheme or QuantSpec()
-        group_size_for(scheme, in_features)
+        group_size_for(self.scheme, in_features)
         self.enabled = enabled
 
     @classmethod
@@ -348,7 +320,7 @@ def torchao_config(scheme: QuantSpec):
     if weight_dtype is None:
         raise ValueError(
             f"{scheme.name()}: torch {torch.__version__} has no torch.int{scheme.bits}, which "
-            "torchao's config needs (torch >= 2.6); prepare_qat/convert_model here do not need it"
+            "torchao's config needs (torch >= 2.6); prepare_qat here does not need it"
         )
     scale_dtype = SCALE_DTYPES[scheme.scale_dtype]
     if scheme.activations == "int8_dynamic":
@@ -364,6 +336,3 @@ def torchao_config(scheme: QuantSpec):
         mapping_type=mapping,
         scale_dtype=scale_dtype,
     )
-
-
-# --- save, load, size, latency -------------------------------------------------------------------

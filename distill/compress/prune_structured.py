@@ -32,6 +32,20 @@ def _count_removed(fraction: float, available: int, key: str, what: str) -> int:
     return removed
 
 
+def _kept_multiple(kept: int, available: int, multiple: int) -> int:
+    """``kept`` rounded to the nearest multiple of ``multiple``, keeping at least one multiple and
+    still removing something: int4 groups and GGUF blocks need widths in multiples of 32."""
+    largest = (available - 1) // multiple * multiple
+    if largest < multiple:
+        raise SettingError(
+            "{multiple_of=}: the MLP has " + f"{available} channels, too few to keep a "
+            f"multiple of {multiple} and remove any; use a smaller {{multiple_of}} (1 keeps "
+            "exactly the fraction)",
+            multiple_of=multiple,
+        )
+    return min(max(round(kept / multiple) * multiple, multiple), largest)
+
+
 def prune_width(
     model: nn.Module, layers: nn.ModuleList, spec: PruneSpec, calibration: list[torch.Tensor] | None
 ) -> dict:
@@ -64,6 +78,10 @@ def prune_width(
         "key-value head groups" if head_unit == "kv_group" else "query heads of each group",
     )
     channels_removed = _count_removed(mlp_fraction, intermediate, "mlp_fraction", "MLP channels")
+    if channels_removed and spec.multiple_of > 1:
+        channels_removed = intermediate - _kept_multiple(
+            intermediate - channels_removed, intermediate, spec.multiple_of
+        )
     new_intermediate = intermediate - channels_removed
     # head_dim is written explicitly: configs without it derive hidden_size // num_attention_heads.
     updates = {

@@ -16,6 +16,7 @@ import time
 
 from distill.config import TRAINING_KINDS, Recipe
 from distill.recipe_file import recipe_to_yaml
+from distill.run.export_stage import run_export_stage
 from distill.run.context import (
     STAGE_DONE,
     RunContext,
@@ -25,7 +26,7 @@ from distill.run.context import (
 )
 from distill.run.prepare import prepare_tokenizer_and_data
 from distill.run.prune_stage import keeps_sparsity, run_prune_stage
-from distill.run.quant_stages import run_convert_stage, run_ptq_stage
+from distill.run.quant_stages import run_ptq_stage
 from distill.run.report import write_report, write_summary
 from distill.run.results import StageResult
 from distill.run.train_stage import run_training_stage
@@ -139,5 +140,5 @@ RUNNERS = {
     "qat": run_training_stage,
     "prune": run_prune_stage,
     "ptq": run_ptq_stage,
-    "convert": run_convert_stage,
+    "export": run_export_stage,
 }

@@ -1,30 +1,19 @@
-"""The `ptq` and `convert` stage kinds, and what a `qat` stage records about its scheme."""
+"""The `ptq` stage kind, and what a `qat` stage records about its scheme."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
-import torch
 
 from distill.compress.fake_quant import (
     prepare_qat,
     remove_fake_quant,
     set_fake_quant_enabled,
 )
-from distill.compress.packed import (
-    convert_model,
-    load_quantized,
-    quantized_size_bytes,
-    save_quantized,
-)
 from distill.errors import RecipeError
-from distill.models import count_params, write_model_dir
 from distill.run.context import RunContext, check_model_against_tokenizer, load_ref, model_dir
 from distill.run.report import recovered_fraction
 from distill.run.results import StageResult
-from distill.run.stage_output import _entry, _export, _heldout, _latency
-from distill.specs import QuantSpec
+from distill.run.stage_output import _entry, _export, _heldout
 
 QUANT_FILE = "distill_quant.json"
 
@@ -53,18 +42,9 @@ def _qat_extra(ctx: RunContext, stage, scheme_name: str, perplexity: float) -> S
     return extra
 
 
-def _stage_quant(ctx: RunContext, ref: str) -> QuantSpec | None:
-    for result in ctx.results:
-        if result.name == ref:
-            path = Path(result.model_dir) / QUANT_FILE
-            if path.is_file():
-                return QuantSpec.model_validate_json(path.read_text())
-    return None
-
-
 def run_ptq_stage(ctx: RunContext, stage, fingerprint: str) -> StageResult:
     """Fake-quantize the model and evaluate it (fp32, no training): the baseline QAT must beat.
-    Writes the float weights and the scheme, which a `convert` stage can turn into packed ones."""
+    Writes the float weights and the scheme, which an `export` stage writes in a server's format."""
 
     model = load_ref(ctx, stage.model, "model to quantize")
     check_model_against_tokenizer(ctx, stage.model, model, f"model {stage.model!r}")
@@ -91,48 +71,4 @@ def run_ptq_stage(ctx: RunContext, stage, fingerprint: str) -> StageResult:
         scheme=scheme.name(),
         perplexity_before=before["perplexity"],
         steps=0,
-    )
-
-
-def run_convert_stage(ctx: RunContext, stage, fingerprint: str) -> StageResult:
-
-    quant = stage.quant or _stage_quant(ctx, stage.model)
-    if quant is None:
-        raise RecipeError(
-            f"stage {stage.name!r}: `convert` needs a scheme: set `quant` on the stage, or convert "
-            "the output of a `qat` or `ptq` stage"
-        )
-    scheme = quant
-    model = load_ref(ctx, stage.model, "model to convert")
-    params = count_params(model)  # weights, whatever their bits (the packed codes are buffers)
-    float_latency_s = _latency(ctx, model, stage)  # the same generation, before conversion
-    try:
-        convert_model(model, scheme)
-    except ValueError as err:
-        raise RecipeError(f"stage {stage.name!r} (quant): {err}") from None
-    out = model_dir(ctx, stage.name)
-    if ctx.is_main:
-        write_model_dir(out, lambda tmp: save_quantized(model, ctx.tokenizer, tmp, scheme))
-    ctx.accelerator.wait_for_everyone()
-    # Measured on the model as a user gets it: reloaded from disk, CPU kernels where they exist.
-    loaded = load_quantized(out)
-    metrics = _heldout(ctx, loaded, stage)
-    # CPU latency as deployed: bf16 activations, the int4/int8 kernels' fast path (float32 ones
-    # take a slow generic path), against the float model as it was trained.
-    latency_s = None
-    if float_latency_s is not None:
-        latency_s = _latency(ctx, load_quantized(out, dtype=torch.bfloat16), stage)
-    return _entry(
-        ctx,
-        stage,
-        loaded,
-        out,
-        metrics,
-        params=params,
-        size_bytes=quantized_size_bytes(out),
-        scheme=scheme.name(),
-        compare_to=stage.model,
-        latency_s=latency_s,
-        latency_dtype="bfloat16" if latency_s is not None else None,
-        float_latency_s=float_latency_s,
     )

@@ -63,7 +63,7 @@ def _comparisons(entries: list[dict]) -> list[str]:
     by_name = {e["name"]: e for e in entries}
     for e in entries:
         ref = e.get("compare_to")
-        if ref and ref in by_name:
+        if ref and ref in by_name and e.get("kind") != "export":  # exports: one line per file
             a = (by_name[ref].get("eval") or {}).get("perplexity")
             b = (e.get("eval") or {}).get("perplexity")
             if a and b:
@@ -81,18 +81,29 @@ def _comparisons(entries: list[dict]) -> list[str]:
                 f"{ref} lost ({ptq['scheme']}: full precision {ptq['perplexity_before']:.2f}, "
                 f"ptq {ptq['eval']['perplexity']:.2f}, qat {e['eval']['perplexity']:.2f})"
             )
-        if e.get("kind") == "convert" and ref in by_name and by_name[ref].get("size_bytes"):
-            latency = (
-                f"; generation {e['latency_s']:.2f} s vs {e['float_latency_s']:.2f} s in float"
-                if e.get("latency_s") and e.get("float_latency_s")
-                else ""
-            )
-            out.append(
-                f"{e['name']}: {e['size_bytes'] / by_name[ref]['size_bytes']:.2f}x the bytes of "
-                f"{ref} ({_fmt_bytes(e['size_bytes'])} vs {_fmt_bytes(by_name[ref]['size_bytes'])})"
-                f"{latency}"
-            )
+        if e.get("kind") == "export" and ref in by_name:
+            out += _export_lines(e, by_name[ref])
     return out
+
+
+def _export_lines(export: dict, source: dict) -> list[str]:
+    """Each exported file's perplexity in each runtime against the stage it exported (for a
+    `qat`/`ptq` stage: its fake-quantized perplexity, which an export on the same grid keeps)."""
+    base = (source.get("eval") or {}).get("perplexity")
+    lines = []
+    for x in export.get("exports", []):
+        grid = x.get("grid") or "float"
+        trained = x.get("trained_grid")
+        onto = f" (trained on {trained})" if trained and trained != grid else ""
+        for runtime, m in x["runtimes"].items():
+            delta = (
+                f", {(m['perplexity'] / base - 1) * 100:+.2f} % vs {source['name']}" if base else ""
+            )
+            lines.append(
+                f"{export['name']}: {x['format']} on grid {grid}{onto} through {runtime}: "
+                f"perplexity {m['perplexity']:.2f}{delta}; {_fmt_bytes(x['size_bytes'])}"
+            )
+    return lines
 
 
 def _pruning_recovery(recovery: dict, pruned: dict) -> str:

@@ -48,6 +48,8 @@ class StageResult:
     latency_s: float | None = None
     latency_dtype: str | None = None
     float_latency_s: float | None = None
+    exports: list[dict] | None = None
+    """Export stages: each file written (format, path, bytes, grid) and what its runtimes measured."""
 
     def to_json(self) -> dict[str, Any]:
         """The summary entry: unset fields left out, `perplexity`/`loss` under `eval`."""
