@@ -16,8 +16,8 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from distill.specs import LogitTerm, ObjectiveSpec, PruneSpec, QuantSpec, Section
-
 from distill.targets import EXPORT_FORMATS
+
 TRAINING_KINDS = ("train", "distill", "qat")
 
 

@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from distill.errors import SettingError
+from distill.errors import RecipeError, SettingError
+from distill.targets import grid_name, resolve_target
 
 
 class Section(BaseModel):
@@ -133,6 +134,9 @@ class PruneSpec(Section):
     group (grouped-query attention only)."""
     mlp_fraction: float = 0.25
     """Width: fraction of MLP channels removed."""
+    multiple_of: int = Field(32, ge=1)
+    """Width: MLP channels kept rounded to a multiple of this (32: what int4 groups and GGUF's
+    blocks of 32 need; 352 channels at 0.25 keep 256, not 264); 1: exactly the fraction."""
     layers: int | list[Any] | None = None
     """Depth: how many layers to remove (ranked), or the explicit 0-based indices."""
     calibration_batches: int = Field(8, gt=0)
@@ -227,6 +231,12 @@ class QuantSpec(Section):
     linear tied to an embedding, are never quantized."""
     scale_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     """Dtype the per-group scales are rounded to and stored in."""
+    target: Literal["compressed-tensors", "gguf-q4_0", "gguf-q8_0"] | None = None
+    """Round exactly as this export format's own quantizer does (the grid an `export` stage
+    writes), so the exported model is not rounded a second time. gguf-q4_0: 4 bits in blocks of
+    32; gguf-q8_0: 8 bits in blocks of 32 (bits default to the format's); compressed-tensors:
+    symmetric int4/int8 in groups of 32/64/128 or null, bf16/fp16 scales. null: torchao's affine
+    formula (exports then round once more, onto the format's grid)."""
 
     @field_validator("bits")
     @classmethod
@@ -247,6 +257,34 @@ class QuantSpec(Section):
             )
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _target_bits(cls, data: Any) -> Any:
+        # A GGUF type fixes the bits: `target: gguf-q8_0` alone means 8 bits.
+        if isinstance(data, dict) and data.get("target") in ("gguf-q4_0", "gguf-q8_0"):
+            data = {"bits": 4 if data["target"] == "gguf-q4_0" else 8, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _fits_target(self) -> QuantSpec:
+        if self.target is None:
+            return self
+        if self.activations is not None:
+            raise ValueError(
+                f"target {self.target} holds weight-only schemes (W4A16/W8A16, GGUF types); "
+                "remove `activations`"
+            )
+        try:
+            self.target_scheme()
+        except RecipeError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+    def target_scheme(self) -> tuple[str, int, int | None, str]:
+        """(target, bits, group size, scale dtype) on the target's grid (see `resolve_target`)."""
+        scale_dtype = self.scale_dtype if self.target == "compressed-tensors" else "bfloat16"
+        return resolve_target(self.target, self.bits, self.group_size, self.symmetric, scale_dtype)
+
     @property
     def qmin(self) -> int:
         return -(2 ** (self.bits - 1))
@@ -256,7 +294,11 @@ class QuantSpec(Section):
         return 2 ** (self.bits - 1) - 1
 
     def name(self) -> str:
-        """Short name, e.g. "int4-g32-sym", "int8-pc-sym", "int4-g32-sym+a8"."""
+        """Short name, e.g. "int4-g32-sym", "int8-pc-sym", "int4-g32-sym+a8"; on a target, its
+        grid's name ("gguf-q4_0", "ct-int4-g32")."""
+        if self.target is not None:
+            target, bits, group_size, _ = self.target_scheme()
+            return grid_name(target, bits, group_size)
         granularity = "pc" if self.group_size is None else f"g{self.group_size}"
         symmetry = "sym" if self.symmetric else "asym"
         suffix = "+a8" if self.activations == "int8_dynamic" else ""

@@ -25,6 +25,13 @@ CT_GROUP_SIZES = (32, 64, 128)
 """Group sizes vLLM's compressed-tensors W4A16/W8A16 kernels serve (None: one scale per row)."""
 
 
+def grid_name(target: str, bits: int, group_size: int | None) -> str:
+    """A target grid's short name: "gguf-q4_0", "ct-int4-g32", "ct-int8-pc"."""
+    if target.startswith("gguf"):
+        return target
+    return f"ct-int{bits}-{'pc' if group_size is None else f'g{group_size}'}"
+
+
 def _nearest(value: int, choices: tuple[int, ...]) -> int:
     return min(choices, key=lambda c: (abs(math.log2(c) - math.log2(value)), c))
 

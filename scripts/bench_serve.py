@@ -75,7 +75,8 @@ def build_model(shape: str):
 def save_tokenizer(path: Path) -> None:
     """A small byte-level BPE (the GGUF needs one); the embedding rows past it are unused."""
     from distill.config import DataSpec, TokenizerTrainSpec
-    from distill.data import load_documents, train_tokenizer
+    from distill.data.documents import load_documents
+    from distill.data.tokenizer import train_tokenizer
 
     docs = load_documents(DataSpec(stdlib=True, max_documents=100))
     spec = TokenizerTrainSpec(vocab_size=512, max_chars=2_000_000)

@@ -170,7 +170,8 @@ SHIP_TEXT = (
 def ship_tokenizer():
     """A byte-level BPE trained as the quickstart trains its own (distill.data.train_tokenizer)."""
     from distill.config import DataSpec, TokenizerTrainSpec
-    from distill.data import load_documents, train_tokenizer
+    from distill.data.documents import load_documents
+    from distill.data.tokenizer import train_tokenizer
 
     docs = load_documents(DataSpec(stdlib=True, max_documents=40))
     texts = [text for _, text in docs] + [SHIP_TEXT] * 3
@@ -211,7 +212,8 @@ def trained_llama_dir(tmp_path_factory, ship_tokenizer):
     import torch
 
     from distill.config import DataSpec
-    from distill.data import load_documents, pack_documents
+    from distill.data.blocks import pack_documents
+    from distill.data.documents import load_documents
 
     model = tiny_causal_lm("llama", ship_tokenizer).train()
     docs = load_documents(DataSpec(stdlib=True, max_documents=40))

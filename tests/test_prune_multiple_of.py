@@ -7,6 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from distill.compress.prune import prune_model
+from distill.specs import PruneSpec
 
 
 def student(intermediate_size: int) -> LlamaForCausalLM:
@@ -29,25 +30,13 @@ def calibration():
 @pytest.mark.parametrize("multiple_of, kept", [(1, 264), (32, 256), (64, 256), (8, 264)])
 def test_kept_channels_are_a_multiple(multiple_of, kept):
     model = student(352)  # the quickstart student's MLP: a 25 % prune leaves 264 exactly
-    prune_model(
-        model,
-        "width",
-        width_heads_fraction=0,
-        width_mlp_fraction=0.25,
-        width_multiple_of=multiple_of,
-        calibration=calibration(),
-    )
+    spec = PruneSpec(method="width", heads_fraction=0, mlp_fraction=0.25, multiple_of=multiple_of)
+    prune_model(model, spec, calibration())
     assert model.config.intermediate_size == kept
     assert all(layer.mlp.down_proj.in_features == kept for layer in model.model.layers)
 
 
 def test_a_width_too_small_for_the_multiple_names_the_setting():
-    with pytest.raises(ValueError, match="width_multiple_of=32: the MLP has 32 channels"):
-        prune_model(
-            student(32),
-            "width",
-            width_heads_fraction=0,
-            width_mlp_fraction=0.25,
-            width_multiple_of=32,
-            calibration=calibration(),
-        )
+    spec = PruneSpec(method="width", heads_fraction=0, mlp_fraction=0.25, multiple_of=32)
+    with pytest.raises(ValueError, match="multiple_of=32: the MLP has 32 channels"):
+        prune_model(student(32), spec, calibration())

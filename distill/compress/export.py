@@ -35,9 +35,9 @@ from distill.compress.gguf_export import (
     quantized_bytes_ratio,
 )
 from distill.compress.grids import Grid, target_grid
-from distill.compress.targets import EXPORT_FORMATS
 from distill.errors import RecipeError
 from distill.models import dir_size_bytes, load_pretrained, load_tokenizer
+from distill.targets import EXPORT_FORMATS
 
 QUANT_FILE = "distill_quant.json"
 """Written by `ptq`/`qat` stages beside the float weights: the scheme they fake-quantize with."""

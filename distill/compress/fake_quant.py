@@ -35,8 +35,6 @@ numerics of an int8 kernel, not its speed.
 from __future__ import annotations
 
 import fnmatch
-import re
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F

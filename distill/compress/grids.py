@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.compress.targets import CT_GROUP_SIZES, resolve_target
 from distill.errors import RecipeError
+from distill.targets import CT_GROUP_SIZES, grid_name, resolve_target
 
 SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -56,10 +56,7 @@ class Grid:
 
     def name(self) -> str:
         """Short name: "gguf-q4_0", "ct-int4-g32", "ct-int8-pc"."""
-        if self.target.startswith("gguf"):
-            return self.target
-        granularity = "pc" if self.group_size is None else f"g{self.group_size}"
-        return f"ct-int{self.bits}-{granularity}"
+        return grid_name(self.target, self.bits, self.group_size)
 
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Signed integer codes (int8, shape of ``w``) and scales ([out, in / group]) of ``w``."""

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from transformers import PreTrainedTokenizerBase
 
-    from distill.data import PackedData
+    from distill.data.blocks import PackedData
 
 STAGE_DONE = "stage.json"
 

@@ -22,7 +22,6 @@ from distill.compress.export import (
     plan_export,
 )
 from distill.compress.gguf_export import gguf_architecture
-from distill.targets import CT_GROUP_SIZES
 from distill.config import QuantSpec
 from distill.errors import RecipeError
 from distill.models import count_params
@@ -30,6 +29,7 @@ from distill.run.context import RunContext, _earlier_stage, stage_dir
 from distill.run.quant_stages import QUANT_FILE
 from distill.run.results import StageResult
 from distill.run.stage_output import _eval_spec, _heldout, _latency
+from distill.targets import CT_GROUP_SIZES
 
 RESULT_FILE = "exports.json"
 

@@ -16,7 +16,6 @@ import time
 
 from distill.config import TRAINING_KINDS, Recipe
 from distill.recipe_file import recipe_to_yaml
-from distill.run.export_stage import run_export_stage
 from distill.run.context import (
     STAGE_DONE,
     RunContext,
@@ -24,6 +23,7 @@ from distill.run.context import (
     ref_fingerprint,
     stage_dir,
 )
+from distill.run.export_stage import run_export_stage
 from distill.run.prepare import prepare_tokenizer_and_data
 from distill.run.prune_stage import keeps_sparsity, run_prune_stage
 from distill.run.quant_stages import run_ptq_stage

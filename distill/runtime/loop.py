@@ -24,6 +24,7 @@ from torch import nn
 from distill.config import TrainSpec
 from distill.data.order import BatchOrder
 from distill.errors import CheckpointError, StopRequested, TrainingDiverged
+from distill.faults import Faults, from_env
 from distill.models import causal_lm_of, is_partitioned
 from distill.objective.module import DistillModule, teacher_forward
 from distill.runtime.checkpoint import (
@@ -41,7 +42,6 @@ from distill.runtime.checkpoint import (
 )
 from distill.runtime.distributed import register_head
 from distill.runtime.evaluate import heldout_metrics
-from distill.faults import Faults, from_env
 from distill.runtime.signals import SignalWatch
 from distill.tracking import Tracker
 
