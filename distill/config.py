@@ -248,7 +248,9 @@ class GateSpec(Section):
     @model_validator(mode="after")
     def _against_given(self) -> GateSpec:
         if self.max_perplexity_increase is not None and self.against is None:
-            raise ValueError("`max_perplexity_increase` needs `against` (the stage to compare with)")
+            raise ValueError(
+                "`max_perplexity_increase` needs `against` (the stage to compare with)"
+            )
         return self
 
 
@@ -284,7 +286,9 @@ class EvalSpec(Section):
     @classmethod
     def _not_heldout(cls, value: dict) -> dict:
         if "heldout" in value:
-            raise ValueError("`heldout` is the training data's held-out split; name the set otherwise")
+            raise ValueError(
+                "`heldout` is the training data's held-out split; name the set otherwise"
+            )
         return value
 
 

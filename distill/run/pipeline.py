@@ -23,6 +23,8 @@ from distill.run.context import (
     ref_fingerprint,
     stage_dir,
 )
+from distill.run.evaluate_stage import run_evaluate_stage, stage_metrics
+from distill.run.gates import check_gates
 from distill.run.prepare import prepare_tokenizer_and_data
 from distill.run.prune_stage import keeps_sparsity, run_prune_stage
 from distill.run.quant_stages import run_convert_stage, run_ptq_stage
@@ -58,6 +60,7 @@ def run_recipe(
         report = write_report(ctx.out_dir, recipe.name, [r.to_json() for r in ctx.results])
         ctx.log(f"report: {report}")
     ctx.accelerator.wait_for_everyone()
+    check_gates(recipe.eval.gates, ctx.results)  # on every rank: each exits with the gate's code
     return ctx.results
 
 
@@ -83,7 +86,12 @@ def stage_fingerprint(ctx: RunContext, stage) -> str:
     if teacher is not None:
         upstream.append(ref_fingerprint(ctx, teacher.model))
     return ctx.recipe.fingerprint(
-        settings, upstream, ctx.data_fingerprint, ctx.recipe.seed, ctx.recipe.eval.model_dump()
+        settings,
+        upstream,
+        ctx.data_fingerprint,
+        ctx.recipe.seed,
+        # gates judge results and change none: editing one must not rerun a stage
+        ctx.recipe.eval.model_dump(exclude={"gates"}),
     )
 
 
@@ -118,6 +126,10 @@ def run_stage(ctx: RunContext, stage) -> StageResult:
     if result.kind in TRAINING_KINDS:  # the loop's own time; the stage's includes load/eval/export
         result.train_wall_s = result.wall_s
     result.wall_s = time.perf_counter() - t0
+    if (
+        result.metrics is None
+    ):  # every stage's output, measured as served (`evaluate` measures itself)
+        result.metrics = stage_metrics(ctx, stage, result)
     if stage.compare_to:
         result.compare_to = stage.compare_to
     if ctx.is_main:
@@ -140,4 +152,5 @@ RUNNERS = {
     "prune": run_prune_stage,
     "ptq": run_ptq_stage,
     "convert": run_convert_stage,
+    "evaluate": run_evaluate_stage,
 }

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import sysconfig
+from functools import lru_cache
+from pathlib import Path
 
 from distill.config import DataSpec
-from distill.data import is_heldout, load_documents
+from distill.data import is_heldout
 
 CHOICES = 4
 HELDOUT_FRACTION = DataSpec.model_fields["eval_fraction"].default
@@ -38,13 +41,28 @@ def _order(*parts: str) -> str:
     return hashlib.md5("/".join(parts).encode()).hexdigest()
 
 
-def build_docs() -> list[dict]:
+def _untrained_files() -> list[tuple[str, Path]]:
+    """(relative path, path) of the stdlib files a stdlib-trained model never saw."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if "test" in rel.parts or "tests" in rel.parts or "site-packages" in rel.parts:
+            continue
+        if rel.parts[0] in UNTRAINED_FOLDERS or is_heldout(rel.as_posix(), HELDOUT_FRACTION):
+            found.append((rel.as_posix(), path))
+    return found
+
+
+@lru_cache(maxsize=1)  # lm-eval builds the dataset once per model evaluated; the files don't change
+def build_docs() -> tuple[dict, ...]:
     """Every item: `context`, `choices` (names), `label` (index of the right one)."""
     docs = []
-    for doc_id, text in load_documents(DataSpec(stdlib=True, stdlib_exclude=["site-packages"])):
-        untrained = doc_id.split("/")[0] in UNTRAINED_FOLDERS
-        if not (untrained or is_heldout(doc_id, HELDOUT_FRACTION)):
-            continue
+    for doc_id, path in _untrained_files():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue  # a few stdlib files are deliberately not UTF-8
         functions = _functions(text)
         if len(functions) < CHOICES:
             continue
@@ -60,11 +78,11 @@ def build_docs() -> list[dict]:
                     "label": choices.index(name),
                 }
             )
-    return sorted(docs, key=lambda d: _order(d["source"], d["context"]))
+    return tuple(sorted(docs, key=lambda d: _order(d["source"], d["context"])))
 
 
 def stdlib_docstrings(**_metadata):
     """lm-eval's `custom_dataset` hook: the items as a DatasetDict with one `test` split."""
     import datasets
 
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(build_docs())})
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(list(build_docs()))})
