@@ -57,7 +57,8 @@ def run_recipe(
         if ctx.is_main:
             write_summary(ctx.out_dir / "summary.json", [r.to_json() for r in ctx.results])
     if ctx.is_main:
-        report = write_report(ctx.out_dir, recipe.name, [r.to_json() for r in ctx.results])
+        entries = [r.to_json() for r in ctx.results]
+        report = write_report(ctx.out_dir, recipe.name, entries, recipe.tracking.wandb)
         ctx.log(f"report: {report}")
     ctx.accelerator.wait_for_everyone()
     check_gates(recipe.eval.gates, ctx.results)  # on every rank: each exits with the gate's code

@@ -45,7 +45,12 @@ def _untrained_files() -> list[tuple[str, Path]]:
     """(relative path, path) of the stdlib files a stdlib-trained model never saw."""
     root = Path(sysconfig.get_paths()["stdlib"])
     found = []
-    for path in sorted(root.rglob("*.py")):
+    skipped = {"site-packages", "test", "tests"}  # installed packages; the test suite
+    tops = [p for p in sorted(root.iterdir()) if p.name not in skipped]
+    paths = [p for top in tops for p in ([top] if top.is_file() else sorted(top.rglob("*.py")))]
+    for path in paths:
+        if path.suffix != ".py":
+            continue
         rel = path.relative_to(root)
         if "test" in rel.parts or "tests" in rel.parts or "site-packages" in rel.parts:
             continue
