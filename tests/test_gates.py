@@ -7,10 +7,11 @@ import json
 
 import pytest
 
-from conftest import run_cli, tiny_recipe
 from distill.config import GateSpec, MetricBound
 from distill.run.gates import check_gates, gate_failures
 from distill.run.results import StageResult
+
+from conftest import run_cli, tiny_recipe
 
 EVAL = {
     "batch_size": 8,
