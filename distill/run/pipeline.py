@@ -86,6 +86,9 @@ def stage_fingerprint(ctx: RunContext, stage) -> str:
     teacher = getattr(stage, "teacher", None)
     if teacher is not None:
         upstream.append(ref_fingerprint(ctx, teacher.model))
+    eval_teacher = ctx.recipe.eval.teacher
+    if eval_teacher in ctx.fingerprints:  # agreement is measured against that stage's output
+        upstream.append(ctx.fingerprints[eval_teacher])
     return ctx.recipe.fingerprint(
         settings,
         upstream,
