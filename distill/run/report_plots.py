@@ -95,7 +95,7 @@ def plot_training_curves(out_dir: Path, entries: list[dict]) -> Path | None:
         terms = sorted({k for r in rows for k in r if k == "loss" or k.startswith("loss_")})
         for term in terms:
             points = [(r["step"], r[term]) for r in rows if term in r]
-            ax.plot([s for s, _ in points], [v for _, v in points], label=term)
+            ax.plot([s for s, _ in points], [v for _, v in points], marker=".", label=term)
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.set_yscale("log")
