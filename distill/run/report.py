@@ -60,7 +60,7 @@ def stage_table(entries: list[dict]) -> tuple[list[str], list[list[str]]]:
     header = ["stage", "kind", "from", "params", "size", "scheme"]
     header += [f"{name} ppl" for name in sets] or ["held-out ppl"]
     header += [f"vs {teacher or 'teacher'}", "vs from", "top-1 agree", "KL", *tasks]
-    header += ["tok/s", "first token ms", "peak MiB", "steps", "wall s"]
+    header += ["tok/s", "first token ms", "peak MiB", "steps", "wall s", "notes"]
     rows = []
     for i, e in enumerate(entries):
         m = e.get("metrics") or {}
@@ -82,9 +82,20 @@ def stage_table(entries: list[dict]) -> tuple[list[str], list[list[str]]]:
         first = speed.get("time_to_first_token_s")
         row += [_num(first * 1000 if first is not None else None, 1)]
         row += [_num(peak / 2**20 if peak else None, 0), str(e.get("steps", 0))]
-        row += [_num(e.get("wall_s"), 1)]
+        row += [_num(e.get("wall_s"), 1), _notes(e)]
         rows.append(row)
     return header, rows
+
+
+def _notes(entry: dict) -> str:
+    """What a stage kind records beside the metrics (pruning method, sparsity, before/after)."""
+    keys = ("method", "sparsity", "perplexity_before", "params_before", "teacher", "latency_s")
+    notes = []
+    for key in keys:
+        value = entry.get(key)
+        if value is not None:
+            notes.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+    return ", ".join(notes)
 
 
 def _position_lines(entries: list[dict]) -> list[str]:
@@ -109,7 +120,7 @@ def write_report(
     report_curves.png (training curves); logged to W&B too when `wandb_spec` enables it."""
     header, rows = stage_table(entries)
     lines = [f"# distill report: {recipe_name}", "", "| " + " | ".join(header) + " |"]
-    lines += ["| --- | --- | --- |" + " ---: |" * (len(header) - 3)]
+    lines += ["| --- | --- | --- |" + " ---: |" * (len(header) - 4) + " --- |"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += _position_lines(entries)
     comparisons = _comparisons(entries)
