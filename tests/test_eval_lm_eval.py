@@ -103,3 +103,18 @@ def test_artifact_table_loads_each_format(model_dir, tmp_path):
         assert not torch.equal(loaded.model(ids).logits, plain.model(ids).logits)
     with pytest.raises(Exception, match="not a model directory distill can evaluate"):
         load_artifact(tmp_path)
+
+
+def test_quantized_artifacts_score_through_lm_eval(model_dir, tmp_path):
+    from distill.compress.packed import convert_model, save_quantized
+
+    scheme = QuantSpec(bits=4, group_size=32)
+    model = load_pretrained(str(model_dir), what="model")
+    tokenizer = load_tokenizer(str(model_dir), "tokenizer")
+    convert_model(model, scheme)
+    save_quantized(model, tokenizer, tmp_path / "int4", scheme)
+    packed = load_artifact(tmp_path / "int4")
+    assert packed.format == "distill-packed" and packed.scheme == scheme.name()
+    spec = LmEvalSpec(tasks=["stdlib_docstrings"], limit=4, batch_size=4)
+    scores = lm_eval_scores(packed.model, tokenizer, spec, max_length=64, device="cpu")
+    assert 0 <= scores["stdlib_docstrings/acc"] <= 1
