@@ -76,3 +76,14 @@ def test_frontier_keeps_only_undominated_points():
         (150.0, 25.0),
         (50.0, 20.0),
     ]
+
+
+def test_report_is_logged_to_wandb_when_on(tmp_path, monkeypatch):
+    from distill.config import WandbSpec
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    write_report(tmp_path, "r", ENTRIES, WandbSpec(mode="offline"))
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    media = run / "files" / "media"
+    assert list((media / "table").rglob("*.table.json")) and list((media / "images").rglob("*.png"))
