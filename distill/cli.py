@@ -150,11 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a recipe and print it fully resolved")
     _add_recipe_args(p)
 
-    p = sub.add_parser("eval", help="held-out perplexity (and optional latency) of a model dir")
-    p.add_argument("model_dir")
-    p.add_argument("--recipe", required=True, help="recipe whose data and held-out split to use")
+    p = sub.add_parser(
+        "eval", help="every metric of a recipe's `eval` section, of any model dir or artifact"
+    )
+    p.add_argument("model_dir", help="a stage's model/ dir or an exported artifact")
+    p.add_argument("--recipe", required=True, help="recipe whose eval section and data to use")
     p.add_argument("--output-dir", help="the recipe run's output dir (for its tokenizer and data)")
-    p.add_argument("--latency", action="store_true", help="also time 128-token generation")
+    p.add_argument("--teacher", help="a model dir to measure top-1 agreement and KL against")
+    p.add_argument(
+        "--latency", action="store_true", help="also measure generation (tokens/s, first token)"
+    )
 
     _add_prune_args(sub.add_parser("prune", help="prune a model directory and save the result"))
 
@@ -254,40 +259,39 @@ def cmd_check(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from pathlib import Path
-
-    from distill.models import count_params, dir_size_bytes, load_pretrained
+    from distill.models import count_params, dir_size_bytes
     from distill.recipe_file import load_recipe
+    from distill.run.artifacts import load_artifact
     from distill.run.context import RunContext
+    from distill.run.evaluate_stage import evaluate_model
     from distill.run.prepare import prepare_tokenizer_and_data
-    from distill.runtime.evaluate import generate_latency_s, heldout_metrics
+    from distill.runtime.distributed import make_accelerator
+    from distill.runtime.evaluate import heldout_metrics
 
     overrides = [f"output_dir={args.output_dir}"] if args.output_dir else []
     recipe = load_recipe(args.recipe, overrides)
     ctx = RunContext(recipe, recipe.resolved_output_dir)
-    from distill.runtime.distributed import make_accelerator
-
     ctx.accelerator = make_accelerator(1)
     prepare_tokenizer_and_data(ctx)
-    fake_quant = os.path.join(args.model_dir, "distill_quant.json")
-    scheme = None
-    model = load_pretrained(args.model_dir, what="model to evaluate")
-    if os.path.isfile(fake_quant):  # a `ptq`/`qat` stage's float weights: measured fake-quantized
-        from distill.compress.fake_quant import QuantSpec, prepare_qat
-
-        quant_scheme = QuantSpec.model_validate(json.loads(Path(fake_quant).read_text()))
-        prepare_qat(model, quant_scheme)
-        scheme = quant_scheme.name()
-    metrics = heldout_metrics(model, ctx.data.eval, recipe.eval.batch_size, len(ctx.tokenizer))
+    spec = recipe.eval.model_copy(update={"latency": True}) if args.latency else recipe.eval
+    artifact = load_artifact(args.model_dir)
+    teacher = load_artifact(args.teacher).model if args.teacher else None
+    model = artifact.model
+    metrics = evaluate_model(ctx, model, spec, teacher)
+    if args.teacher:
+        metrics["teacher"]["model"] = args.teacher
     result = {
         "model_dir": args.model_dir,
+        "format": artifact.format,
         "params": count_params(model),
         "size_bytes": dir_size_bytes(args.model_dir),
-        **({"scheme": scheme} if scheme else {}),
-        **metrics,
+        **({"scheme": artifact.scheme} if artifact.scheme else {}),
+        # the number a stage records as eval.perplexity, computed the same way
+        **heldout_metrics(model, ctx.data.eval, spec.batch_size, len(ctx.tokenizer)),
+        "metrics": metrics,
     }
     if args.latency:
-        result["latency_s"] = generate_latency_s(model, ctx.data.eval[:1, :16], 128)
+        result["latency_s"] = spec.latency_tokens / metrics["speed"]["tokens_per_s"]
     print(json.dumps(result, indent=2))
     return 0
 

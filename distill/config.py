@@ -215,11 +215,94 @@ def _teacher_from_string(value: Any) -> Any:
     return {"model": value} if isinstance(value, str) else value
 
 
+class HubEvalSet(Section):
+    """A hub dataset as an eval set (a plain string in `eval.sets` is its `hub` id)."""
+
+    hub: str
+    config: str | None = None
+    split: str = "test"
+    text_field: str = "text"
+
+
+class LmEvalSpec(Section):
+    """lm-eval harness tasks, run through its Python API on each stage's model."""
+
+    tasks: list[str] = Field(min_length=1)
+    """Task names: local YAMLs under `include_path` (and distill's own, e.g. `stdlib_docstrings`),
+    or hub tasks when the machine is online."""
+    include_path: list[str] = []
+    """Extra folders of task YAMLs (distill's own task folder is always searched)."""
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: float | None = Field(None, gt=0)
+    """Documents per task (a count, or a fraction when below 1)."""
+    batch_size: int = Field(16, gt=0)
+
+
+class MetricBound(Section):
+    min: float | None = None
+    max: float | None = None
+
+
+class GateSpec(Section):
+    """A condition a stage must meet; a run whose gate fails exits with code 3."""
+
+    stage: str
+    against: str | None = None
+    """The stage `max_perplexity_increase` compares with."""
+    set: str = "heldout"
+    """The eval set whose perplexity is compared."""
+    max_perplexity_increase: float | None = Field(None, ge=0)
+    """Allowed relative increase over `against` (0.02 = 2 %)."""
+    min_teacher_agreement: float | None = Field(None, ge=0, le=1)
+    """Top-1 agreement with the teacher, at least."""
+    lm_eval: dict[str, MetricBound] = {}
+    """`<task>/<metric>: {min: x, max: y}` bounds on lm-eval scores."""
+
+    @model_validator(mode="after")
+    def _against_given(self) -> GateSpec:
+        if self.max_perplexity_increase is not None and self.against is None:
+            raise ValueError(
+                "`max_perplexity_increase` needs `against` (the stage to compare with)"
+            )
+        return self
+
+
 class EvalSpec(Section):
     batch_size: int = Field(16, gt=0)
     latency: bool = False
-    """Also time greedy generation of `latency_tokens` tokens on CPU."""
+    """Also measure generation: time of `latency_tokens` tokens, tokens/s, time to first token,
+    peak memory."""
     latency_tokens: int = Field(128, gt=0)
+    sets: dict[str, list[str] | HubEvalSet] = {}
+    """More eval sets beside `heldout` (the training data's held-out split): name -> files or
+    globs (`${stdlib}` is this Python's standard library folder), or a hub dataset id."""
+    set_max_blocks: int = Field(64, gt=0)
+    """Evaluate on at most this many `seq_len` blocks of each set of `sets`."""
+    position_buckets: int = Field(4, ge=1)
+    """Perplexity by position: the block split into this many equal spans."""
+    teacher: str | None = None
+    """Teacher for agreement and KL in stages that have none (a stage or a `models` key)."""
+    agreement_blocks: int = Field(64, gt=0)
+    """Held-out blocks for teacher agreement and KL."""
+    lm_eval: LmEvalSpec | None = None
+    gates: list[GateSpec] = []
+    """Recipe-wide only: checked after every stage ran and the report is written."""
+
+    @field_validator("sets", mode="before")
+    @classmethod
+    def _hub_from_string(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: {"hub": v} if isinstance(v, str) else v for k, v in value.items()}
+        return value
+
+    @field_validator("sets")
+    @classmethod
+    def _not_heldout(cls, value: dict) -> dict:
+        if "heldout" in value:
+            raise ValueError(
+                "`heldout` is the training data's held-out split; name the set otherwise"
+            )
+        return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,8 +391,17 @@ class ExportStage(StageBase):
         return v
 
 
+class EvaluateStage(StageBase):
+    """Evaluate an earlier stage's output (or a model of `models`) with this stage's `eval`;
+    writes no model of its own."""
+
+    kind: Literal["evaluate"]
+
+
 Stage = Annotated[
-    Union[TrainStage, DistillStage, PruneStage, PtqStage, QatStage, ExportStage],  # noqa: UP007
+    Union[  # noqa: UP007
+        TrainStage, DistillStage, PruneStage, PtqStage, QatStage, ExportStage, EvaluateStage
+    ],
     Field(discriminator="kind"),
 ]
 
@@ -371,7 +463,7 @@ class Recipe(Section):
             if teacher is not None:
                 refs.append(("teacher.model", teacher.model))
             for key, ref in refs:
-                if ref in exported:
+                if ref in exported and stage.kind != "evaluate":
                     raise ValueError(
                         f"stages.{i}.{key}: {ref!r} is an `export` stage; its files are for "
                         "servers; name the stage it exported instead"
@@ -387,6 +479,24 @@ class Recipe(Section):
             seen.append(stage.name)
             if stage.kind == "export":
                 exported.add(stage.name)
+            if stage.eval is not None and stage.eval.gates:
+                raise ValueError(f"stages.{i}.eval.gates: gates are recipe-wide; use `eval.gates`")
+        teacher = self.eval.teacher
+        if teacher is not None and teacher not in seen and teacher not in self.models:
+            raise ValueError(
+                f"eval.teacher: {teacher!r} is neither a stage nor a key of `models` (allowed: "
+                f"{', '.join(dict.fromkeys(seen + list(self.models)))})"
+            )
+        for i, gate in enumerate(self.eval.gates):
+            for key in ("stage", "against"):
+                ref = getattr(gate, key)
+                if ref is not None and ref not in seen:
+                    close = difflib.get_close_matches(ref, seen, n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    raise ValueError(
+                        f"eval.gates.{i}.{key}: {ref!r} is not a stage (stages: "
+                        f"{', '.join(seen)}){hint}"
+                    )
         return self
 
     @property

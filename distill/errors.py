@@ -13,6 +13,7 @@ from typing import Any
 EXIT_OK = 0
 EXIT_DIVERGED = 1  # training stopped after too many non-finite steps
 EXIT_BAD_INPUT = 2  # recipe, paths, data, checkpoint, launch: the message says what to change
+EXIT_GATE_FAILED = 3  # a stage missed an `eval.gates` threshold (the report is written)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving; run again to resume
 EXIT_INTERRUPTED = 130  # a second signal or Ctrl-C: stopped at once, the last checkpoint remains
 
@@ -71,6 +72,12 @@ class TrainingDiverged(DistillError):
     """Too many consecutive non-finite steps."""
 
     exit_code = EXIT_DIVERGED
+
+
+class GateFailed(DistillError):
+    """A stage's metric crossed an `eval.gates` threshold; the message names each failure."""
+
+    exit_code = EXIT_GATE_FAILED
 
 
 class StopRequested(DistillError):

@@ -102,3 +102,33 @@ def _plain(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+def log_report(
+    spec: WandbSpec, recipe_name: str, header: list[str], rows: list[list[str]], images: list[Path]
+) -> None:
+    """The run report as a W&B run of its own (`<name>/report`): the stage table and the plots.
+    Any W&B failure only prints: the report files are already written."""
+    try:
+        import wandb
+    except ImportError:
+        print("distill: report not logged to W&B: pip install 'distill[wandb]'", file=sys.stderr)
+        return
+    try:
+        run = wandb.init(
+            project=spec.project,
+            entity=spec.entity,
+            name=f"{spec.name or recipe_name}/report",
+            mode=spec.mode,
+            group=recipe_name,
+            tags=spec.tags,
+            job_type="report",
+            reinit="create_new",
+        )
+        table = wandb.Table(columns=header, data=rows)
+        run.log(
+            {"report/stages": table, **{f"report/{p.stem}": wandb.Image(str(p)) for p in images}}
+        )
+        run.finish()
+    except Exception as err:  # noqa: BLE001 - W&B is optional; the report files hold everything
+        print(f"distill: report not logged to W&B ({err})", file=sys.stderr)

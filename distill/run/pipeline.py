@@ -23,7 +23,9 @@ from distill.run.context import (
     ref_fingerprint,
     stage_dir,
 )
+from distill.run.evaluate_stage import run_evaluate_stage, stage_metrics
 from distill.run.export_stage import run_export_stage
+from distill.run.gates import check_gates
 from distill.run.prepare import prepare_tokenizer_and_data
 from distill.run.prune_stage import keeps_sparsity, run_prune_stage
 from distill.run.quant_stages import run_ptq_stage
@@ -56,9 +58,11 @@ def run_recipe(
         if ctx.is_main:
             write_summary(ctx.out_dir / "summary.json", [r.to_json() for r in ctx.results])
     if ctx.is_main:
-        report = write_report(ctx.out_dir, recipe.name, [r.to_json() for r in ctx.results])
+        entries = [r.to_json() for r in ctx.results]
+        report = write_report(ctx.out_dir, recipe.name, entries, recipe.tracking.wandb)
         ctx.log(f"report: {report}")
     ctx.accelerator.wait_for_everyone()
+    check_gates(recipe.eval.gates, ctx.results)  # on every rank: each exits with the gate's code
     return ctx.results
 
 
@@ -83,8 +87,16 @@ def stage_fingerprint(ctx: RunContext, stage) -> str:
     teacher = getattr(stage, "teacher", None)
     if teacher is not None:
         upstream.append(ref_fingerprint(ctx, teacher.model))
+    eval_teacher = ctx.recipe.eval.teacher
+    if eval_teacher in ctx.fingerprints:  # agreement is measured against that stage's output
+        upstream.append(ctx.fingerprints[eval_teacher])
     return ctx.recipe.fingerprint(
-        settings, upstream, ctx.data_fingerprint, ctx.recipe.seed, ctx.recipe.eval.model_dump()
+        settings,
+        upstream,
+        ctx.data_fingerprint,
+        ctx.recipe.seed,
+        # gates judge results and change none: editing one must not rerun a stage
+        ctx.recipe.eval.model_dump(exclude={"gates"}),
     )
 
 
@@ -119,6 +131,10 @@ def run_stage(ctx: RunContext, stage) -> StageResult:
     if result.kind in TRAINING_KINDS:  # the loop's own time; the stage's includes load/eval/export
         result.train_wall_s = result.wall_s
     result.wall_s = time.perf_counter() - t0
+    if (
+        result.metrics is None
+    ):  # every stage's output, measured as served (`evaluate` measures itself)
+        result.metrics = stage_metrics(ctx, stage, result)
     if stage.compare_to:
         result.compare_to = stage.compare_to
     if ctx.is_main:
@@ -141,4 +157,5 @@ RUNNERS = {
     "prune": run_prune_stage,
     "ptq": run_ptq_stage,
     "export": run_export_stage,
+    "evaluate": run_evaluate_stage,
 }

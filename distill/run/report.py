@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from distill.config import WandbSpec
+from distill.run.report_plots import heldout_perplexity, plot_frontier, plot_training_curves
+from distill.tracking import log_report
+
 
 def write_summary(path: Path, entries: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
@@ -23,38 +27,113 @@ def _fmt_bytes(n: int | None) -> str:
     return str(n)
 
 
-def write_report(out_dir: Path, recipe_name: str, entries: list[dict]) -> Path:
-    """report.md (a table of every stage) and report.png (perplexity and size side by side)."""
-    lines = [
-        f"# distill report: {recipe_name}",
-        "",
-        "| stage | kind | params | size on disk | held-out ppl | held-out loss | steps | wall s | notes |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]
-    for e in entries:
-        ev = e.get("eval") or {}
-        notes = []
-        keys = ("method", "sparsity", "perplexity_before", "params_before", "scheme", "teacher")
-        for key in (*keys, "teacher_agreement", "latency_s"):
-            if e.get(key) is not None:
-                v = e[key]
-                notes.append(f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}")
-        ppl = ev.get("perplexity")
-        lines.append(
-            f"| {e['name']} | {e['kind']} | {e.get('params', 0):,} | "
-            f"{_fmt_bytes(e.get('size_bytes'))} | {ppl:.2f} | {ev.get('loss', float('nan')):.4f} "
-            f"| {e.get('steps', 0)} | {e.get('wall_s', 0):.1f} | {', '.join(notes)} |"
-            if ppl is not None
-            else f"| {e['name']} | {e['kind']} | {e.get('params', 0):,} | - | - | - | - | - | |"
-        )
+def _pct(value: float | None, reference: float | None) -> str:
+    if value is None or not reference:
+        return "-"
+    return f"{(value / reference - 1) * 100:+.1f} %"
+
+
+def _num(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _teacher_stage(entries: list[dict]) -> str | None:
+    """The stage others are compared with: the teacher most stages measured agreement against."""
+    names = {e["name"] for e in entries}
+    refs = [((e.get("metrics") or {}).get("teacher") or {}).get("model") for e in entries]
+    refs += [e.get("teacher") for e in entries]
+    refs = [r for r in refs if r in names]
+    return max(set(refs), key=refs.count) if refs else None
+
+
+def stage_table(entries: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Every stage's size and metrics, and the change of held-out perplexity against the teacher
+    and against the stage it came from: (header, rows)."""
+    by_name = {e["name"]: e for e in entries}
+    teacher = _teacher_stage(entries)
+    sets = list(
+        dict.fromkeys(k for e in entries for k in ((e.get("metrics") or {}).get("sets") or {}))
+    )
+    tasks = list(
+        dict.fromkeys(k for e in entries for k in ((e.get("metrics") or {}).get("lm_eval") or {}))
+    )
+    header = ["stage", "kind", "from", "params", "size", "scheme"]
+    header += [f"{name} ppl" for name in sets] or ["held-out ppl"]
+    header += [f"vs {teacher or 'teacher'}", "vs from", "top-1 agree", "KL", *tasks]
+    header += ["tok/s", "first token ms", "peak MiB", "steps", "wall s", "notes"]
+    rows = []
+    for i, e in enumerate(entries):
+        m = e.get("metrics") or {}
+        ppl = heldout_perplexity(e)
+        # the stage it came from: an earlier stage (a `models` key of the same name is not one)
+        source = next((s for s in entries[:i] if s["name"] == e.get("from")), None)
+        speed, agree = m.get("speed") or {}, m.get("teacher") or {}
+        peak = speed.get("peak_mem_bytes")
+        row = [e["name"], e["kind"], e.get("from", "-"), f"{e.get('params', 0):,}"]
+        row += [_fmt_bytes(e.get("size_bytes")), str(e.get("scheme", "-"))]
+        row += [_num((m.get("sets", {}).get(n) or {}).get("perplexity")) for n in sets] or [
+            _num(ppl)
+        ]
+        row += [_pct(ppl, heldout_perplexity(by_name[teacher]) if teacher else None)]
+        row += [_pct(ppl, heldout_perplexity(source) if source else None)]
+        row += [_num(agree.get("top1_agreement"), 3), _num(agree.get("kl"), 4)]
+        row += [_num((m.get("lm_eval") or {}).get(t), 3) for t in tasks]
+        row += [_num(speed.get("tokens_per_s"), 1)]
+        first = speed.get("time_to_first_token_s")
+        row += [_num(first * 1000 if first is not None else None, 1)]
+        row += [_num(peak / 2**20 if peak else None, 0), str(e.get("steps", 0))]
+        row += [_num(e.get("wall_s"), 1), _notes(e)]
+        rows.append(row)
+    return header, rows
+
+
+def _notes(entry: dict) -> str:
+    """What a stage kind records beside the metrics (pruning method, sparsity, before/after)."""
+    keys = ("method", "sparsity", "perplexity_before", "params_before", "teacher", "latency_s")
+    notes = []
+    for key in keys:
+        value = entry.get(key)
+        if value is not None:
+            notes.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+    return ", ".join(notes)
+
+
+def _position_lines(entries: list[dict]) -> list[str]:
+    """Held-out perplexity by position in the block, per stage."""
+    rows = [e for e in entries if ((e.get("metrics") or {}).get("sets") or {}).get("heldout")]
+    if not rows:
+        return []
+    spans = rows[0]["metrics"]["sets"]["heldout"]["position_buckets"]
+    lines = ["", "## Held-out perplexity by position in the block", ""]
+    lines += ["| stage | " + " | ".join(f"tokens {a}-{b - 1}" for a, b in spans) + " |"]
+    lines += ["| --- |" + " ---: |" * len(spans)]
+    for e in rows:
+        values = e["metrics"]["sets"]["heldout"]["position_perplexity"]
+        lines.append(f"| {e['name']} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    return lines
+
+
+def write_report(
+    out_dir: Path, recipe_name: str, entries: list[dict], wandb_spec: WandbSpec | None = None
+) -> Path:
+    """report.md (every stage side by side), report.png (the size and speed frontiers) and
+    report_curves.png (training curves); logged to W&B too when `wandb_spec` enables it."""
+    header, rows = stage_table(entries)
+    lines = [f"# distill report: {recipe_name}", "", "| " + " | ".join(header) + " |"]
+    lines += ["| --- | --- | --- |" + " ---: |" * (len(header) - 4) + " --- |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += _position_lines(entries)
     comparisons = _comparisons(entries)
     if comparisons:
         lines += ["", "## Comparisons", ""] + [f"- {c}" for c in comparisons]
-    png = _plot(out_dir, entries)
-    if png:
-        lines += ["", f"![stages]({png.name})"]
+    images = [
+        p for p in (plot_frontier(out_dir, entries), plot_training_curves(out_dir, entries)) if p
+    ]
+    lines += [""] + [f"![{p.stem}]({p.name})" for p in images]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
+    if wandb_spec is not None and wandb_spec.mode != "disabled":
+        log_report(wandb_spec, recipe_name, header, rows, images)
     return path
 
 
@@ -124,29 +203,3 @@ def recovered_fraction(
     if lost <= 0:
         return None
     return (perplexity_ptq - perplexity_qat) / lost
-
-
-def _plot(out_dir: Path, entries: list[dict]) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = [e for e in entries if (e.get("eval") or {}).get("perplexity")]
-    if not rows:
-        return None
-    names = [e["name"] for e in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.4 * len(rows) + 4), 4))
-    ax1.bar(names, [e["eval"]["perplexity"] for e in rows], color="tab:blue")
-    ax1.set_title("held-out perplexity (lower is better)")
-    ax2.bar(names, [(e.get("size_bytes") or 0) / 2**20 for e in rows], color="tab:orange")
-    ax2.set_title("size on disk (MiB)")
-    for ax in (ax1, ax2):
-        ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    path = out_dir / "report.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path

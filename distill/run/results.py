@@ -50,6 +50,11 @@ class StageResult:
     float_latency_s: float | None = None
     exports: list[dict] | None = None
     """Export stages: each file written (format, path, bytes, grid) and what its runtimes measured."""
+    metrics: dict | None = None
+    """Everything evaluation measured on the stage's output as served (keys in the README):
+    `sets.<name>.{perplexity, loss, tokens, position_buckets, position_perplexity}`,
+    `teacher.{model, top1_agreement, kl}`, `lm_eval.<task>/<metric>`, `speed.{tokens_per_s,
+    time_to_first_token_s, peak_mem_bytes, ...}`, `format`, `eval_wall_s`."""
 
     def to_json(self) -> dict[str, Any]:
         """The summary entry: unset fields left out, `perplexity`/`loss` under `eval`."""

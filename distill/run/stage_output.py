@@ -14,7 +14,11 @@ from distill.runtime.evaluate import generate_latency_s, heldout_metrics
 
 
 def _eval_spec(ctx: RunContext, stage):
-    return stage.eval or ctx.recipe.eval
+    """The recipe's `eval`, with the keys the stage's own `eval` sets replacing it."""
+    if stage.eval is None:
+        return ctx.recipe.eval
+    own = {key: getattr(stage.eval, key) for key in stage.eval.model_fields_set}
+    return ctx.recipe.eval.model_copy(update=own)
 
 
 def _capped(ctx: RunContext, spec):

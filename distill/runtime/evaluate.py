@@ -1,5 +1,5 @@
-"""Measuring a model: held-out perplexity, agreement with the teacher, size, generation latency;
-and the run report that puts every stage side by side."""
+"""Measuring a model while it trains and at a stage's end: held-out perplexity (sharded over
+ranks), top-1 agreement with the teacher, generation latency and speed."""
 
 from __future__ import annotations
 
@@ -88,23 +88,8 @@ def teacher_agreement(
     return agree / max(total, 1)
 
 
-@torch.inference_mode()
-def generate_latency_s(
-    model: nn.Module,
-    tokenizer_or_prompt_ids,
-    new_tokens: int = 128,
-    prompt: str = "def main():\n",
-) -> float:
-    """Wall seconds of greedy generation of exactly ``new_tokens`` tokens (after a short warm-up).
-
-    Give a tokenizer (``prompt`` is encoded) or a tensor of prompt token ids ([seq] or [1, seq]).
-    """
-    if isinstance(tokenizer_or_prompt_ids, torch.Tensor):
-        input_ids = tokenizer_or_prompt_ids.reshape(1, -1)
-    else:
-        input_ids = tokenizer_or_prompt_ids(prompt, return_tensors="pt").input_ids
-    device = next(model.parameters()).device
-    input_ids = input_ids.to(device)
+def _greedy_generator(model: nn.Module, input_ids: torch.Tensor):
+    """generate(count): greedy generation of exactly `count` new tokens after `input_ids`."""
     generation_config = getattr(model, "generation_config", None)
     pad_token_id = getattr(generation_config, "pad_token_id", None)
     if pad_token_id is None:
@@ -121,6 +106,30 @@ def generate_latency_s(
             pad_token_id=pad_token_id,
         )
 
+    return generate
+
+
+def _prompt_ids(model: nn.Module, tokenizer_or_prompt_ids, prompt: str) -> torch.Tensor:
+    if isinstance(tokenizer_or_prompt_ids, torch.Tensor):
+        input_ids = tokenizer_or_prompt_ids.reshape(1, -1)
+    else:
+        input_ids = tokenizer_or_prompt_ids(prompt, return_tensors="pt").input_ids
+    return input_ids.to(next(model.parameters()).device)
+
+
+@torch.inference_mode()
+def generate_latency_s(
+    model: nn.Module,
+    tokenizer_or_prompt_ids,
+    new_tokens: int = 128,
+    prompt: str = "def main():\n",
+) -> float:
+    """Wall seconds of greedy generation of exactly ``new_tokens`` tokens (after a short warm-up).
+
+    Give a tokenizer (``prompt`` is encoded) or a tensor of prompt token ids ([seq] or [1, seq]).
+    """
+    input_ids = _prompt_ids(model, tokenizer_or_prompt_ids, prompt)
+    generate = _greedy_generator(model, input_ids)
     was_training = model.training
     model.eval()
     try:
@@ -134,5 +143,60 @@ def generate_latency_s(
     return elapsed_s
 
 
-# ----------------------------------------------------------------------------------------------
-# Report
+@torch.inference_mode()
+def generation_speed(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 128) -> dict:
+    """Greedy generation of one sequence as served: `tokens_per_s` (new tokens over the whole
+    generation), `time_to_first_token_s` (prefill and one token) and `peak_mem_bytes` (CUDA:
+    allocated by torch; CPU: the process's peak resident memory, None where Linux cannot reset
+    it), after a warm-up."""
+    input_ids = _prompt_ids(model, prompt_ids, "")
+    generate = _greedy_generator(model, input_ids)
+    device = input_ids.device
+    was_training = model.training
+    model.eval()
+    try:
+        generate(min(8, new_tokens))
+        _reset_peak_memory(device)
+        start = time.perf_counter()
+        generate(1)
+        first_s = time.perf_counter() - start
+        start = time.perf_counter()
+        generate(new_tokens)
+        total_s = time.perf_counter() - start
+        peak = _peak_memory_bytes(device)
+    finally:
+        model.train(was_training)
+    return {
+        "tokens_per_s": new_tokens / total_s,
+        "time_to_first_token_s": first_s,
+        "new_tokens": new_tokens,
+        "peak_mem_bytes": peak,
+        "peak_mem_kind": "cuda_allocated" if device.type == "cuda" else "process_rss",
+        "device": device.type,
+    }
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: "5" resets the peak resident set size (VmHWM) of this process
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_memory_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
