@@ -6,6 +6,7 @@ point. Installed only when the DISTILL_FAULT environment variable is set (read o
     DISTILL_FAULT=nan_at=3-7               make the loss NaN at steps 3..7
     DISTILL_FAULT=enospc_at_save=4         fail the save of step 4 with "No space left on device"
     DISTILL_FAULT=step_sleep=0.3           sleep after every optimizer step (time to send a signal)
+    DISTILL_FAULT=kill_after_shard=1       SIGKILL itself once teacher-cache shard 1 is written
 
 Several faults are separated by commas.
 """
@@ -44,6 +45,10 @@ class Faults:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         if "slow_save" in self.settings:
             time.sleep(float(self.settings["slow_save"]))
+
+    def after_shard(self, index: int) -> None:
+        if self.settings.get("kill_after_shard") == str(index):
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def after_step(self) -> None:
         if "step_sleep" in self.settings:
