@@ -63,7 +63,7 @@ def encode_topk(logits: torch.Tensor, k: int, vocab_size: int) -> np.ndarray:
     step = scale.float().clamp_min(torch.finfo(torch.float32).tiny)
     codes = torch.round(below_top / step.unsqueeze(1)).clamp_(0, CODE_MAX).to(torch.uint8)
     top_mass_log = torch.logsumexp(top, dim=-1)
-    log_tail = torch.log(-torch.expm1(top_mass_log).clamp_min(0)).clamp_min(-60000.0)
+    log_tail = torch.log((-torch.expm1(top_mass_log)).clamp_min(0)).clamp_min(-60000.0)
     out = np.empty(len(logits), dtype=record_dtype(k, vocab_size))
     out["ids"] = ids.cpu().numpy()
     out["codes"] = codes.cpu().numpy()
