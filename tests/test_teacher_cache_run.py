@@ -127,9 +127,14 @@ def _reader(cache_path, **objective):
     ]
 
 
+def _recipe_in(folder, stages):
+    folder.mkdir(parents=True, exist_ok=True)
+    return tiny_recipe(folder / "recipe.yaml", stages)
+
+
 def test_mismatches_and_corruption_are_clear_errors(reference, tmp_path):
     cache = reference / "run" / "tcache" / "cache"
-    recipe = tiny_recipe(tmp_path / "a" / "recipe.yaml", _reader(cache))
+    recipe = _recipe_in(tmp_path / "a", _reader(cache))
     shutil.copytree(reference / "run" / "tokenizer", tmp_path / "a" / "run" / "tokenizer")
     shutil.copytree(reference / "run" / "data", tmp_path / "a" / "run" / "data")
     _expect_error(run_cli("run", recipe, "data.seq_len=16", check=False), "seq_len: cache 32", "16")
@@ -143,9 +148,7 @@ def test_mismatches_and_corruption_are_clear_errors(reference, tmp_path):
         "visit",
         "raise the cache stage's `cache.blocks`",
     )
-    logit_mse = tiny_recipe(
-        tmp_path / "b" / "recipe.yaml", _reader(cache, terms=[{"kind": "logit_mse"}])
-    )
+    logit_mse = _recipe_in(tmp_path / "b", _reader(cache, terms=[{"kind": "logit_mse"}]))
     _expect_error(
         run_cli("run", logit_mse, check=False), "logit_mse needs the teacher's full logits"
     )
@@ -155,10 +158,10 @@ def test_mismatches_and_corruption_are_clear_errors(reference, tmp_path):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    corrupt = tiny_recipe(tmp_path / "c" / "recipe.yaml", _reader(broken))
+    corrupt = _recipe_in(tmp_path / "c", _reader(broken))
     _expect_error(run_cli("run", corrupt, check=False), f"shard {shard} is corrupt")
     _expect_error(
-        run_cli("run", tiny_recipe(tmp_path / "d" / "recipe.yaml", _reader(tmp_path)), check=False),
+        run_cli("run", _recipe_in(tmp_path / "d", _reader(tmp_path)), check=False),
         "is not a finished teacher cache",
     )
 
