@@ -200,18 +200,15 @@ def run_bench(
 
     acc = make_accelerator(spec.grad_accum)  # the loop's step runs under an accelerator
     results: dict[str, PathResult] = {}
-    path_flops: dict[str, tuple[float, float]] = {}
+    path_flops, path_shapes = {}, {}
     for path in paths:
         log(f"path {path}: {warmup} warm-up + {steps} measured steps of {tokens:,} tokens...")
-        results[path], shapes = bench_path(recipe, stage, path, device, steps, warmup, notes, acc)
-        # The FLOP model: a path without a teacher forward (a cache, CE only) does less work.
-        path_flops[path] = (
-            student_flops_per_token(shapes.student, seq_len),
-            teacher_flops_per_token(shapes.teacher, seq_len) if shapes.teacher else 0.0,
+        results[path], path_shapes[path] = bench_path(
+            recipe, stage, path, device, steps, warmup, notes, acc
         )
-        if path == paths[0] or shapes.teacher is not None:
-            reported_shapes = shapes
-    shapes = reported_shapes
+        path_flops[path] = _flops_per_token(path_shapes[path], seq_len)
+    # the shapes reported: those of the path that runs a teacher, if one does
+    shapes = max(path_shapes.values(), key=lambda s: s.teacher is not None)
     for path, result in results.items():
         seconds = result.ms_per_step / 1e3
         path_step_flops = sum(path_flops[path]) * tokens
@@ -252,6 +249,13 @@ def run_bench(
             if other in results
         }
     return out
+
+
+def _flops_per_token(shapes: StepShapes, seq_len: int) -> tuple[float, float]:
+    """(student, teacher) FLOPs per token: a path without a teacher forward (a cache, CE only)
+    does less work."""
+    teacher = teacher_flops_per_token(shapes.teacher, seq_len) if shapes.teacher else 0.0
+    return student_flops_per_token(shapes.student, seq_len), teacher
 
 
 def _results_json(recipe, stage, device, shapes, steps, warmup, results, notes) -> dict:

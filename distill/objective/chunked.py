@@ -218,15 +218,9 @@ class _ChunkedLogitObjective(torch.autograd.Function):
             if teacher_hidden is not None:
                 chunk_teacher_hidden = teacher_hidden[start:end].to(teacher_weight.dtype)
             if teacher_logprobs is not None:
+                topk = (teacher_logprobs[start:end], teacher_indices[start:end])
                 chunk_total, chunk_sums, grad_logits = _topk_chunk(
-                    chunk_hidden,
-                    weight,
-                    labels[start:end],
-                    terms,
-                    ce_weight,
-                    teacher_logprobs[start:end],
-                    teacher_indices[start:end],
-                    need_grad,
+                    chunk_hidden, weight, labels[start:end], terms, ce_weight, *topk, need_grad
                 )
             elif closed_form:
                 chunk_total, chunk_sums, grad_logits = _ce_forward_kl_chunk(
