@@ -195,3 +195,17 @@ def test_recipe_validation_of_cache_references(tmp_path):
     _expect_error(proc, "give exactly one of `model`")
     raw = yaml.safe_load(tiny_recipe(tmp_path / "t.yaml", STAGES[:2]).read_text())
     assert raw["stages"][1]["kind"] == "cache-teacher"
+
+
+def test_bench_measures_cache_online_and_ce_only_in_one_run(reference, tmp_path):
+    out = tmp_path / "bench.json"
+    recipe = reference / "recipe.yaml"
+    proc = run_cli("bench", recipe, "--stage", "offline", "--steps", "1", "--warmup", "0",
+                   "--json", out)  # fmt: skip
+    assert "cache tokens/s:" in proc.stdout
+    result = json.loads(out.read_text())
+    assert list(result["paths"]) == ["cache", "online", "ce_only"]
+    for path in result["paths"].values():
+        assert path["tokens_per_s"] > 0
+    assert set(result["ratios_cache"]) == {"to_online", "to_ce_only"}
+    assert result["shapes"]["teacher"] is not None  # the online path's teacher
