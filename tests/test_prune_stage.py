@@ -336,7 +336,7 @@ def test_models_pruned_by_the_cli_keep_masks_and_layer_map_in_a_recipe(run, caps
     from distill.models import num_layers
     from distill.recipe_file import load_recipe
     from distill.run.context import RunContext
-    from distill.run.prune_stage import _keeps_sparsity, hidden_layer_map
+    from distill.run.prune_stage import hidden_layer_map, keeps_sparsity
 
     out, _, _ = run
     teacher_dir, distilled_dir = out / "teacher" / "model", out / "distilled" / "model"
@@ -367,6 +367,6 @@ def test_models_pruned_by_the_cli_keep_masks_and_layer_map_in_a_recipe(run, caps
         ctx, recipe.stage("deep"), load(shallow), num_layers(load(teacher_dir))
     )
     assert pairs == [(0, 0)]  # `uniform` would give [(0, 1)]
-    assert _keeps_sparsity(ctx, recipe.stage("dense"))
-    assert not _keeps_sparsity(ctx, recipe.stage("off"))
-    assert not _keeps_sparsity(ctx, recipe.stage("deep"))
+    assert keeps_sparsity(recipe, recipe.stage("dense"))
+    assert not keeps_sparsity(recipe, recipe.stage("off"))
+    assert not keeps_sparsity(recipe, recipe.stage("deep"))
