@@ -151,20 +151,25 @@ def build_train_step(
     ]
     autocast = autocast_for(spec, device) if device.type != "meta" else nullcontext()
     measured, cache = stage, None
+    if stage.teacher_cache is not None and _cache_teacher(recipe, stage) is None:
+        raise RecipeError(
+            f"stage {stage.name!r} reads the cache directory {stage.teacher_cache!r}; distill bench "
+            "writes its cache from the teacher of a `cache-teacher` stage of the recipe: name "
+            "that stage in `teacher.cache`"
+        )
     if path == "ce_only":
         measured = TrainStage(name=stage.name, kind="train", model=stage.model, train=spec)
-    elif path in ("online", "cache"):
-        teacher = _cache_teacher(recipe, stage)
-        if teacher is None:
-            raise RecipeError(
-                f"--paths {path}: stage {stage.name!r} reads no teacher cache of this recipe; "
-                f"measure it with --paths {','.join(LOSS_PATHS)}, or pick a stage with "
-                "`teacher: {cache: <cache-teacher stage>}`"
-            )
-        if path == "online":
-            measured = stage.model_copy(update={"teacher": TeacherRef(model=teacher)})
-        else:
-            cache = _cache_of_batches(ctx, recipe.stage(stage.teacher_cache), spec, batches)
+    elif stage.teacher_cache is None and path in TEACHER_PATHS:
+        raise RecipeError(
+            f"--paths {path}: stage {stage.name!r} reads no teacher cache; measure it with "
+            f"--paths {','.join(LOSS_PATHS)}, or pick a stage with "
+            "`teacher: {cache: <cache-teacher stage>}`"
+        )
+    elif path == "online":
+        teacher = TeacherRef(model=_cache_teacher(recipe, stage))
+        measured = stage.model_copy(update={"teacher": teacher})
+    elif stage.teacher_cache is not None:  # the cache path, and the loss paths of such a stage
+        cache = _cache_of_batches(ctx, recipe.stage(stage.teacher_cache), spec, batches)
     loss_path = path if path in LOSS_PATHS else None
     run = assemble_training_run(
         ctx, measured, spec, objective_path=loss_path, device=device, cache=cache
