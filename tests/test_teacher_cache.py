@@ -116,9 +116,17 @@ def test_loss_from_the_cache_equals_the_topk_reference(models_and_cache, term):
 
     with torch.no_grad():
         teacher_logits = teacher(blocks).logits[:, :-1].reshape(-1, VOCAB)
-    exact = torch.topk(torch.log_softmax(teacher_logits, -1), 16)
-    exact_value, _ = reference((exact.values, exact.indices))
+    ids = ids.flatten(0, 1)
+    exact = torch.log_softmax(teacher_logits, -1).gather(1, ids)  # unquantized, same ids
+    exact_value, _ = reference((exact, ids))
     assert abs(float(value - exact_value)) < 0.01 * float(exact_value)
+    # the cached ids are the teacher's top 16, but for the token that follows, always among them
+    top = torch.topk(teacher_logits, 16).indices
+    labels = blocks[:, 1:].reshape(-1)
+    assert (ids == labels[:, None]).any(1).all()
+    assert torch.equal(ids[:, :15], top[:, :15])
+    keeps_top = (top == labels[:, None]).any(1)
+    assert torch.equal(ids[keeps_top], top[keeps_top])
 
 
 def test_bucket_distributions_from_the_cache_sum_to_one(models_and_cache):

@@ -165,8 +165,14 @@ def teacher_outputs(
         out = teacher_forward(teacher, ids, want_states, autocast)
         flat = out.hidden[:, :-1].reshape(-1, out.hidden.shape[-1])
         head = out.head_weight
+        labels = ids[:, 1:].reshape(-1)
         records = [
-            encode_topk(flat[i : i + LOGITS_ROWS].float() @ head.float().T, spec.k, vocab)
+            encode_topk(
+                flat[i : i + LOGITS_ROWS].float() @ head.float().T,
+                spec.k,
+                vocab,
+                labels[i : i + LOGITS_ROWS],
+            )
             for i in range(0, len(flat), LOGITS_ROWS)
         ]
         topk.append(np.concatenate(records).reshape(len(ids), -1))

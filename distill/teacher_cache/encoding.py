@@ -5,7 +5,10 @@ most 65,536 tokens).
 Per position (a numpy structured record, no padding):
 
 - ``ids``: the k token ids in descending probability, in the smallest unsigned integer type that
-  holds the vocabulary (uint8 up to 256 tokens, uint16 up to 65,536, else uint32);
+  holds the vocabulary (uint8 up to 256 tokens, uint16 up to 65,536, else uint32). The token that
+  actually follows is always one of them: when it is not in the teacher's top k it takes the k-th
+  place (the teacher's probability of the real next token is what a perplexity is made of, and a
+  top-k alone leaves it in the undifferentiated tail);
 - ``codes``: uint8, ``round((log p_1 - log p_i) / scale)``: each id's log-probability below the
   top-1's, on a per-position linear scale spanning the k-th (so codes end at 255);
 - ``scale``: float16, that step in nats;
@@ -27,7 +30,7 @@ import math
 import numpy as np
 import torch
 
-ENCODING = "topk-u8-logratio-f16tail-v1"
+ENCODING = "topk-label-u8-logratio-f16tail-v2"
 CODE_MAX = 255
 
 
@@ -51,11 +54,18 @@ def record_dtype(k: int, vocab_size: int) -> np.dtype:
     )
 
 
-def encode_topk(logits: torch.Tensor, k: int, vocab_size: int) -> np.ndarray:
+def encode_topk(
+    logits: torch.Tensor, k: int, vocab_size: int, labels: torch.Tensor | None = None
+) -> np.ndarray:
     """Records [N] of the teacher's top-k at T = 1 from its logits [N, V_rows] (rows past
-    `vocab_size` are head padding and never chosen)."""
+    `vocab_size` are head padding and never chosen); `labels` [N], the tokens that follow, take
+    the k-th place where they are not in the top k."""
     logprobs = torch.log_softmax(logits[:, :vocab_size].float(), dim=-1)
     top, ids = torch.topk(logprobs, k, dim=-1)  # descending
+    if labels is not None:
+        missing = ~(ids == labels[:, None]).any(1)
+        ids[missing, -1] = labels[missing]
+        top[missing, -1] = logprobs[missing, labels[missing]]  # below the k-th: still descending
     below_top = top[:, :1] - top
     span = below_top[:, -1]
     scale = (span / CODE_MAX).to(torch.float16)
