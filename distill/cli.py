@@ -147,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--verify", action="store_true", help="also check every file's sha256")
 
+    p = sub.add_parser(
+        "cache-teacher",
+        help="run a recipe up to its cache-teacher stage: write the offline teacher cache",
+    )
+    _add_recipe_args(p)
+    p.add_argument("--stage", help="the cache-teacher stage (default: the first)")
+
     p = sub.add_parser("check", help="validate a recipe and print it fully resolved")
     _add_recipe_args(p)
 
@@ -168,7 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", help="the training stage to measure (default: first distill stage)")
     p.add_argument("--steps", type=int, default=5, help="measured steps per path")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--paths", default="chunked,naive", help="loss paths to compare")
+    p.add_argument(
+        "--paths",
+        default="auto",
+        help="paths to compare: loss paths chunked,naive (auto, unless the stage reads a teacher "
+        "cache) or cache,online,ce_only (auto for a stage reading a cache)",
+    )
     p.add_argument("--json", dest="json_path", help="also write the results as JSON here")
 
     _add_export_parser(sub)
@@ -236,6 +248,24 @@ def cmd_run(args) -> int:
         print(
             f"done: {len(results)} stages; summary {out / 'summary.json'}, report {out / 'report.md'}"
         )
+    return 0
+
+
+def cmd_cache_teacher(args) -> int:
+    from distill.errors import RecipeError
+    from distill.run.pipeline import run_recipe
+
+    recipe = _load(args)
+    caches = [stage.name for stage in recipe.stages if stage.kind == "cache-teacher"]
+    name = args.stage or (caches[0] if caches else None)
+    if name not in caches:
+        raise RecipeError(
+            f"--stage {name!r} is not a cache-teacher stage of the recipe; cache-teacher stages: "
+            f"{', '.join(caches) or 'none (add one: kind: cache-teacher, model: <teacher>)'}"
+        )
+    results = run_recipe(recipe, until=name)
+    if _is_main_rank():
+        print(f"done: teacher cache {results[-1].model_dir}")
     return 0
 
 
@@ -342,6 +372,7 @@ def cmd_report(args) -> int:
 COMMANDS = {
     "run": cmd_run,
     "data": cmd_data,
+    "cache-teacher": cmd_cache_teacher,
     "check": cmd_check,
     "eval": cmd_eval,
     "prune": cmd_prune,

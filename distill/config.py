@@ -203,12 +203,46 @@ class TrainSpec(Section):
 
 
 class TeacherRef(Section):
-    model: str
+    """Where a stage's teacher comes from: a model (run online) or an offline teacher cache."""
+
+    model: str | None = None
     """A previous stage's name or a key of `models`."""
+    cache: str | None = None
+    """A `cache-teacher` stage's name, or a cache directory: the teacher is never loaded."""
     placement: Literal["auto", "replicate", "zero3"] = "auto"
     """Under DeepSpeed: a full frozen copy per device, or partitioned as an inference ZeRO-3 engine."""
     max_memory_fraction: float = Field(0.5, gt=0, le=1)
     """`auto` replicates when the teacher's weights fit in this fraction of device memory."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherRef:
+        if (self.model is None) == (self.cache is None):
+            raise ValueError(
+                "give exactly one of `model` (a stage or `models` key, run online) or `cache` "
+                "(a `cache-teacher` stage or a cache directory)"
+            )
+        return self
+
+
+class CacheSpec(Section):
+    """What a `cache-teacher` stage writes: the teacher's top-k log-probabilities at T = 1 and
+    their ids for every position of the cached blocks, optionally hidden states of some layers."""
+
+    k: int = Field(64, ge=1, le=1024)
+    """Top-k tokens kept per position; the rest of the mass is one tail bucket."""
+    hidden_layers: list[int] = []
+    """0-based teacher layers whose outputs are stored (bf16) for offline hidden-state losses."""
+    blocks: int | None = Field(None, gt=0)
+    """Cache the first N training blocks (default: all)."""
+    batch_size: int = Field(16, gt=0)
+    """Blocks per teacher forward, per process."""
+    shard_blocks: int = Field(256, gt=0)
+    """Blocks per shard file (the unit of atomic writes and of resume)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Autocast precision of the teacher forward."""
+    placement: Literal["auto", "replicate", "zero3"] = "auto"
+    """As `teacher.placement` of a distill stage."""
+    max_memory_fraction: float = Field(0.5, gt=0, le=1)
 
 
 def _teacher_from_string(value: Any) -> Any:
@@ -324,8 +358,14 @@ class StageBase(Section):
         """The model this stage learns from (a stage name or `models` key), or None."""
         teacher = getattr(self, "teacher", None)
         if teacher is not None:
-            return teacher.model
+            return teacher.model  # None when the teacher is a cache
         return self.model if self.kind == "qat" else None  # QAT: the full-precision model
+
+    @property
+    def teacher_cache(self) -> str | None:
+        """The offline teacher cache this stage reads (a stage name or a directory), or None."""
+        teacher = getattr(self, "teacher", None)
+        return teacher.cache if teacher is not None else None
 
 
 class TrainingStageBase(StageBase):
@@ -344,6 +384,13 @@ class DistillStage(TrainingStageBase):
     """Keep pruned weights at zero (auto: when the student comes from a prune stage)."""
 
     _teacher = field_validator("teacher", mode="before")(_teacher_from_string)
+
+
+class CacheTeacherStage(StageBase):
+    """Runs the teacher (`model`) once over the training blocks and writes its outputs."""
+
+    kind: Literal["cache-teacher"]
+    cache: CacheSpec = CacheSpec()
 
 
 class PruneStage(StageBase):
@@ -400,7 +447,14 @@ class EvaluateStage(StageBase):
 
 Stage = Annotated[
     Union[  # noqa: UP007
-        TrainStage, DistillStage, PruneStage, PtqStage, QatStage, ExportStage, EvaluateStage
+        TrainStage,
+        DistillStage,
+        CacheTeacherStage,
+        PruneStage,
+        PtqStage,
+        QatStage,
+        ExportStage,
+        EvaluateStage,
     ],
     Field(discriminator="kind"),
 ]
@@ -460,7 +514,7 @@ class Recipe(Section):
             if stage.compare_to is not None:
                 refs.append(("compare_to", stage.compare_to))
             teacher = getattr(stage, "teacher", None)
-            if teacher is not None:
+            if teacher is not None and teacher.model is not None:
                 refs.append(("teacher.model", teacher.model))
             for key, ref in refs:
                 if ref in exported and stage.kind != "evaluate":
@@ -476,6 +530,7 @@ class Recipe(Section):
                         f"stages.{i}.{key}: {ref!r} is neither an earlier stage nor a key of "
                         f"`models` (allowed: {', '.join(allowed) or 'none'}){hint}"
                     )
+            _check_cache_ref(self, i, stage, seen)
             seen.append(stage.name)
             if stage.kind == "export":
                 exported.add(stage.name)
@@ -513,6 +568,22 @@ class Recipe(Section):
         """A stable hash of JSON-serialisable settings (for skipping finished stages)."""
         blob = json.dumps(parts, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _check_cache_ref(recipe: Recipe, index: int, stage, seen: list[str]) -> None:
+    """A `teacher.cache` naming a stage must name an earlier `cache-teacher` stage (anything else
+    is read as a directory); a cache-teacher stage's `model` is its teacher."""
+    cache = stage.teacher_cache
+    if cache is None or cache not in {s.name for s in recipe.stages}:
+        return
+    if cache not in seen:
+        raise ValueError(f"stages.{index}.teacher.cache: stage {cache!r} runs after this one")
+    kind = recipe.stage(cache).kind
+    if kind != "cache-teacher":
+        raise ValueError(
+            f"stages.{index}.teacher.cache: {cache!r} is a `{kind}` stage, not a `cache-teacher` "
+            f"stage; write `teacher: {cache}` to run it online"
+        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ point, in training and in data preparation. Installed only when the DISTILL_FAUL
     DISTILL_FAULT=nan_at=3-7               make the loss NaN at steps 3..7
     DISTILL_FAULT=enospc_at_save=4         fail the save of step 4 with "No space left on device"
     DISTILL_FAULT=step_sleep=0.3           sleep after every optimizer step (time to send a signal)
-    DISTILL_FAULT=kill_after_shard=2       SIGKILL itself once the 2nd token-store shard is written
-    DISTILL_FAULT=term_after_shard=2       SIGTERM itself at that point instead
+    DISTILL_FAULT=kill_after_store_shard=2 SIGKILL itself once the 2nd token-store shard is written
+    DISTILL_FAULT=term_after_store_shard=2 SIGTERM itself at that point instead
+    DISTILL_FAULT=kill_after_cache_shard=1 SIGKILL itself once teacher-cache shard 1 is written
 
 Several faults are separated by commas.
 """
@@ -47,14 +48,18 @@ class Faults:
         if "slow_save" in self.settings:
             time.sleep(float(self.settings["slow_save"]))
 
+    def after_cache_shard(self, index: int) -> None:
+        if self.settings.get("kill_after_cache_shard") == str(index):
+            os.kill(os.getpid(), signal.SIGKILL)
+
     def after_step(self) -> None:
         if "step_sleep" in self.settings:
             time.sleep(float(self.settings["step_sleep"]))
 
-    def after_shard(self, count: int) -> None:
-        if self.settings.get("kill_after_shard") == str(count):
+    def after_store_shard(self, count: int) -> None:
+        if self.settings.get("kill_after_store_shard") == str(count):
             os.kill(os.getpid(), signal.SIGKILL)
-        if self.settings.get("term_after_shard") == str(count):
+        if self.settings.get("term_after_store_shard") == str(count):
             os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -26,7 +26,8 @@ def model_dir(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from distill.config import DataSpec, TokenizerTrainSpec
-    from distill.data import load_documents, train_tokenizer
+    from distill.data.documents import load_documents
+    from distill.data.tokenizer import train_tokenizer
 
     texts = [text for _, text in load_documents(DataSpec(stdlib=True, max_documents=20))]
     tokenizer = train_tokenizer(texts, TokenizerTrainSpec(vocab_size=320))

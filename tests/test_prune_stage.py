@@ -333,6 +333,7 @@ def test_models_pruned_by_the_cli_keep_masks_and_layer_map_in_a_recipe(run, caps
     from transformers import AutoModelForCausalLM
 
     from distill.cli import main
+    from distill.models import num_layers
     from distill.recipe_file import load_recipe
     from distill.run.context import RunContext
     from distill.run.prune_stage import hidden_layer_map, keeps_sparsity
@@ -362,7 +363,9 @@ def test_models_pruned_by_the_cli_keep_masks_and_layer_map_in_a_recipe(run, caps
     )
     ctx = RunContext(recipe, tmp_path / "run")
     load = AutoModelForCausalLM.from_pretrained
-    pairs = hidden_layer_map(ctx, recipe.stage("deep"), load(shallow), load(teacher_dir))
+    pairs = hidden_layer_map(
+        ctx, recipe.stage("deep"), load(shallow), num_layers(load(teacher_dir))
+    )
     assert pairs == [(0, 0)]  # `uniform` would give [(0, 1)]
     assert keeps_sparsity(recipe, recipe.stage("dense"))
     assert not keeps_sparsity(recipe, recipe.stage("off"))

@@ -133,10 +133,10 @@ def test_an_interrupted_build_never_looks_complete(tmp_path):
     corpus(tmp_path / "corpus")
     path, recipe = recipe_at(tmp_path, shard_tokens=50, num_proc=1)
     out = recipe.resolved_output_dir
-    killed = run_cli("data", path, env={"DISTILL_FAULT": "kill_after_shard=3"}, check=False)
+    killed = run_cli("data", path, env={"DISTILL_FAULT": "kill_after_store_shard=3"}, check=False)
     assert killed.returncode == -signal.SIGKILL
     assert not (out / "data").exists() and (out / "data.partial").exists()
-    stopped = run_cli("data", path, env={"DISTILL_FAULT": "term_after_shard=3"}, check=False)
+    stopped = run_cli("data", path, env={"DISTILL_FAULT": "term_after_store_shard=3"}, check=False)
     assert stopped.returncode == 130 and "Traceback" not in stopped.stderr
     assert not (out / "data").exists() and not (out / "data.partial").exists()  # cleaned up
     assert "token store" in run_cli("data", path).stdout

@@ -43,6 +43,8 @@ from distill.bench.flops import (
 )
 from distill.bench.memory import PeakMemory, tensor_bytes
 from distill.bench.step import (
+    LOSS_PATHS,
+    TEACHER_PATHS,
     StepShapes,
     build_train_step,
     loss_only_peak_bytes,
@@ -55,7 +57,7 @@ from distill.errors import RecipeError
 from distill.recipe_file import load_recipe
 from distill.runtime.distributed import make_accelerator
 
-PATHS = ("chunked", "naive")
+PATHS = LOSS_PATHS + TEACHER_PATHS
 
 # Dense bf16 tensor-core peaks from the vendors' spec sheets, matched in this order against
 # torch.cuda.get_device_name() (H100 PCIe before the SXM default).
@@ -171,7 +173,7 @@ def device_name(device: torch.device) -> str:
 def run_bench(
     recipe: Recipe,
     stage_name: str | None = None,
-    paths: tuple[str, ...] = PATHS,
+    paths: tuple[str, ...] = LOSS_PATHS,
     steps: int = 5,
     warmup: int = 2,
     device: torch.device | None = None,
@@ -198,19 +200,22 @@ def run_bench(
 
     acc = make_accelerator(spec.grad_accum)  # the loop's step runs under an accelerator
     results: dict[str, PathResult] = {}
+    path_flops, path_shapes = {}, {}
     for path in paths:
         log(f"path {path}: {warmup} warm-up + {steps} measured steps of {tokens:,} tokens...")
-        results[path], shapes = bench_path(recipe, stage, path, device, steps, warmup, notes, acc)
-    student_shape, teacher_shape = shapes.student, shapes.teacher
-
-    # The FLOP model (the same models for every path).
-    flops_student = student_flops_per_token(student_shape, seq_len)
-    flops_teacher = teacher_flops_per_token(teacher_shape, seq_len) if teacher_shape else 0.0
-    step_flops = (flops_student + flops_teacher) * tokens
-    for result in results.values():
+        results[path], path_shapes[path] = bench_path(
+            recipe, stage, path, device, steps, warmup, notes, acc
+        )
+        path_flops[path] = _flops_per_token(path_shapes[path], seq_len)
+    # the shapes reported: those of the path that runs a teacher, if one does
+    shapes = max(path_shapes.values(), key=lambda s: s.teacher is not None)
+    for path, result in results.items():
         seconds = result.ms_per_step / 1e3
-        result.mfu = step_flops / seconds / measured_peak if measured_peak else None
-        result.mfu_spec = step_flops / seconds / spec_peak if spec_peak else None
+        path_step_flops = sum(path_flops[path]) * tokens
+        result.mfu = path_step_flops / seconds / measured_peak if measured_peak else None
+        result.mfu_spec = path_step_flops / seconds / spec_peak if spec_peak else None
+    flops_student, flops_teacher = max(path_flops.values(), key=sum)
+    step_flops = (flops_student + flops_teacher) * tokens
 
     out = _results_json(recipe, stage, device, shapes, steps, warmup, results, notes)
     out["flops"] = {
@@ -236,7 +241,21 @@ def run_bench(
             "loss_peak_memory": chunked.loss_peak_memory_bytes
             / max(naive.loss_peak_memory_bytes, 1),
         }
+    if "cache" in results:
+        cache = results["cache"]
+        out["ratios_cache"] = {
+            f"to_{other}": cache.tokens_per_s / results[other].tokens_per_s
+            for other in ("online", "ce_only")
+            if other in results
+        }
     return out
+
+
+def _flops_per_token(shapes: StepShapes, seq_len: int) -> tuple[float, float]:
+    """(student, teacher) FLOPs per token: a path without a teacher forward (a cache, CE only)
+    does less work."""
+    teacher = teacher_flops_per_token(shapes.teacher, seq_len) if shapes.teacher else 0.0
+    return student_flops_per_token(shapes.student, seq_len), teacher
 
 
 def _results_json(recipe, stage, device, shapes, steps, warmup, results, notes) -> dict:
@@ -338,6 +357,11 @@ def format_table(result: dict) -> str:
             f"\nchunked / naive: tokens/s {ratios['tokens_per_s']:.2f}x, peak memory "
             f"{ratios['peak_memory']:.2f}x, loss peak memory {ratios['loss_peak_memory']:.2f}x"
         )
+    cache_ratios = result.get("ratios_cache")
+    if cache_ratios:
+        lines.append(
+            "\ncache tokens/s: " + ", ".join(f"{v:.2f}x {k[3:]}" for k, v in cache_ratios.items())
+        )
     for note in result["notes"]:
         lines.append(f"note: {note}")
     return "\n".join(lines)
@@ -350,11 +374,14 @@ def run_bench_command(args) -> int:
         overrides.append(f"output_dir={args.output_dir}")
     recipe = load_recipe(args.recipe, overrides)
     paths = tuple(p.strip() for p in args.paths.split(",") if p.strip())
+    if paths == ("auto",):  # a stage reading a teacher cache: the cache against its alternatives
+        reads_cache = pick_stage(recipe, args.stage).teacher_cache is not None
+        paths = TEACHER_PATHS if reads_cache else LOSS_PATHS
     unknown = [p for p in paths if p not in PATHS]
     if not paths or unknown or len(set(paths)) != len(paths):
         raise RecipeError(
-            f"--paths {args.paths!r}: give distinct loss paths, comma-separated, from "
-            f"{', '.join(PATHS)}"
+            f"--paths {args.paths!r}: give distinct paths, comma-separated, from "
+            f"{', '.join(PATHS)} (or `auto`)"
         )
     if args.steps < 1 or args.warmup < 0:
         raise RecipeError(

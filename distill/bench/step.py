@@ -10,19 +10,28 @@ from torch import nn
 
 from distill.bench.flops import ModelShape, matmul_params, model_shape
 from distill.bench.memory import PeakMemory
-from distill.config import TRAINING_KINDS, Recipe, TrainSpec
+from distill.config import TRAINING_KINDS, CacheSpec, Recipe, TeacherRef, TrainSpec, TrainStage
 from distill.errors import RecipeError
 from distill.models import (
     backbone_of,
     causal_lm_of,
     has_tokenizer,
     load_tokenizer,
+    num_layers,
 )
 from distill.objective.module import teacher_forward
-from distill.run.assemble import TrainingRun, assemble_training_run
+from distill.run.assemble import TrainingRun, assemble_training_run, frozen_teacher
+from distill.run.cache_stage import teacher_outputs
 from distill.run.context import RunContext, read_stage_record, ref_config, root_model_key
 from distill.run.results import StageResult
 from distill.runtime.loop import autocast_for, lr_at, param_groups, train_step
+from distill.teacher_cache.store import CachedTeacher, cache_in_memory
+
+LOSS_PATHS = ("chunked", "naive")
+"""The same step by each loss path of the objective."""
+TEACHER_PATHS = ("cache", "online", "ce_only")
+"""A stage that reads a teacher cache: from the cache, with its teacher run online instead, and
+the student alone with cross-entropy (the floor a cache can reach)."""
 
 
 class _VocabOnly:
@@ -80,7 +89,9 @@ def bench_context(recipe: Recipe, stage, notes: list[str]) -> RunContext:
         if record is not None:
             ctx.results.append(StageResult.from_json(record["entry"]))
     finished = {result.name for result in ctx.results}
-    for ref in {stage.model, stage.teacher_model} - {None} - finished:
+    for ref in (
+        {stage.model, stage.teacher_model, _cache_teacher(recipe, stage)} - {None} - finished
+    ):
         for pruned in root_model_key(recipe, ref)[1]:
             if pruned.prune.method in ("width", "depth") and pruned.name not in finished:
                 notes.append(
@@ -113,8 +124,13 @@ class TrainStep:
         return self.run.module
 
     @property
-    def teacher(self) -> nn.Module | None:
+    def teacher(self) -> nn.Module | CachedTeacher | None:
         return self.run.teacher
+
+    def blocks(self) -> list[torch.Tensor]:
+        """The micro-batches' block indices: an in-memory cache holds the batches as blocks 0..n."""
+        size = self.spec.batch_size
+        return [torch.arange(a * size, (a + 1) * size) for a in range(len(self.batches))]
 
 
 def build_train_step(
@@ -122,16 +138,10 @@ def build_train_step(
 ) -> TrainStep:
     """The stage's models, objective module, hooks and AdamW, from `assemble_training_run` (what
     `distill run` trains), built on `device` (on "meta" it costs nothing: the FLOP model only
-    needs the shapes)."""
+    needs the shapes). `path` is a loss path (LOSS_PATHS) or, for a stage reading a teacher
+    cache, a teacher path (TEACHER_PATHS)."""
     spec = stage.train
     ctx = bench_context(recipe, stage, notes)
-    run = assemble_training_run(ctx, stage, spec, objective_path=path, device=device)
-    run.module.train()
-    if run.teacher is not None:
-        run.teacher.to(device)
-    optimizer = torch.optim.AdamW(
-        param_groups(run.module, spec.weight_decay), lr=spec.lr, betas=tuple(spec.betas)
-    )
     vocab = len(ctx.tokenizer)
     gen = torch.Generator(device="cpu").manual_seed(recipe.seed)
     shape = (spec.batch_size, recipe.data.seq_len)
@@ -140,7 +150,66 @@ def build_train_step(
         for _ in range(spec.grad_accum)
     ]
     autocast = autocast_for(spec, device) if device.type != "meta" else nullcontext()
+    measured, cache = stage, None
+    if stage.teacher_cache is not None and _cache_teacher(recipe, stage) is None:
+        raise RecipeError(
+            f"stage {stage.name!r} reads the cache directory {stage.teacher_cache!r}; distill bench "
+            "writes its cache from the teacher of a `cache-teacher` stage of the recipe: name "
+            "that stage in `teacher.cache`"
+        )
+    if path == "ce_only":
+        measured = TrainStage(name=stage.name, kind="train", model=stage.model, train=spec)
+    elif stage.teacher_cache is None and path in TEACHER_PATHS:
+        raise RecipeError(
+            f"--paths {path}: stage {stage.name!r} reads no teacher cache; measure it with "
+            f"--paths {','.join(LOSS_PATHS)}, or pick a stage with "
+            "`teacher: {cache: <cache-teacher stage>}`"
+        )
+    elif path == "online":
+        teacher = TeacherRef(model=_cache_teacher(recipe, stage))
+        measured = stage.model_copy(update={"teacher": teacher})
+    elif stage.teacher_cache is not None:  # the cache path, and the loss paths of such a stage
+        cache = _cache_of_batches(ctx, recipe.stage(stage.teacher_cache), spec, batches)
+    loss_path = path if path in LOSS_PATHS else None
+    run = assemble_training_run(
+        ctx, measured, spec, objective_path=loss_path, device=device, cache=cache
+    )
+    run.module.train()
+    if isinstance(run.teacher, nn.Module):
+        run.teacher.to(device)
+    optimizer = torch.optim.AdamW(
+        param_groups(run.module, spec.weight_decay), lr=spec.lr, betas=tuple(spec.betas)
+    )
     return TrainStep(run, optimizer, batches, spec, autocast, vocab)
+
+
+def _cache_teacher(recipe: Recipe, stage) -> str | None:
+    """The teacher of the `cache-teacher` stage that `stage` reads, or None."""
+    names = {s.name for s in recipe.stages}
+    if stage.teacher_cache is None or stage.teacher_cache not in names:
+        return None
+    return recipe.stage(stage.teacher_cache).model
+
+
+def _cache_of_batches(ctx: RunContext, cache_stage, spec: TrainSpec, batches) -> CachedTeacher:
+    """The cache the stage would read, of the bench's own batches, written in memory by the cache
+    stage's own encoding (the step then reads and decodes it as from disk)."""
+    cache_spec: CacheSpec = cache_stage.cache
+    device = batches[0].device
+    ref = TeacherRef(model=cache_stage.model)
+    teacher, in_loop, _ = frozen_teacher(ctx, ref, spec, None, cache_stage.model)
+    in_loop.to(device)
+    autocast = autocast_for(spec, device)
+    topk, hidden = teacher_outputs(
+        in_loop, torch.cat(batches), cache_spec, len(ctx.tokenizer), autocast, device
+    )
+    manifest = {
+        "k": cache_spec.k,
+        "hidden_layers": sorted(set(cache_spec.hidden_layers)),
+        "teacher_layers": num_layers(teacher),
+        "hidden_size": teacher.config.hidden_size,
+    }
+    return cache_in_memory(manifest, topk, hidden)
 
 
 @dataclass
@@ -157,7 +226,7 @@ def step_shapes(step: TrainStep) -> StepShapes:
     extra = matmul_params(projections) if projections is not None else 0
     return StepShapes(
         student=model_shape(step.module.student, extra),
-        teacher=model_shape(step.teacher) if step.teacher is not None else None,
+        teacher=model_shape(step.teacher) if isinstance(step.teacher, nn.Module) else None,
         vocab_size=step.vocab_size,
     )
 
@@ -169,7 +238,15 @@ def run_train_step(step: TrainStep, acc) -> torch.Tensor:
         run.hooks.before_step(0, step.module)
     lr = lr_at(0, step.spec)
     out = train_step(
-        acc, step.module, step.optimizer, step.teacher, step.batches, step.spec, lr, step.autocast
+        acc,
+        step.module,
+        step.optimizer,
+        step.teacher,
+        step.batches,
+        step.spec,
+        lr,
+        step.autocast,
+        blocks=step.blocks(),
     )
     if run.hooks.after_optimizer_step:
         run.hooks.after_optimizer_step(step.module)
@@ -189,8 +266,11 @@ def loss_only_peak_bytes(step: TrainStep, device: torch.device) -> int:
     hidden = last[:, :-1].reshape(-1, last.shape[-1]).detach().requires_grad_(True)
     labels = ids[:, 1:].reshape(-1)
     head = causal_lm_of(module.student).get_output_embeddings().weight
-    teacher_hidden = teacher_head = None
-    if step.teacher is not None:
+    teacher_hidden = teacher_head = teacher_topk = None
+    if isinstance(step.teacher, CachedTeacher):
+        logprobs, token_ids = step.teacher.read(step.blocks()[0], device, False).topk
+        teacher_topk = (logprobs.flatten(0, 1), token_ids.flatten(0, 1))
+    elif step.teacher is not None:
         out = teacher_forward(step.teacher, ids, False, step.autocast)
         teacher_hidden = out.hidden[:, :-1].reshape(-1, out.hidden.shape[-1])
         teacher_head = out.head_weight
@@ -198,7 +278,9 @@ def loss_only_peak_bytes(step: TrainStep, device: torch.device) -> int:
     module.zero_grad(set_to_none=True)
     with PeakMemory(device) as peak:
         with step.autocast:
-            result = module.logit_objective(hidden, head, labels, teacher_hidden, teacher_head)
+            result = module.logit_objective(
+                hidden, head, labels, teacher_hidden, teacher_head, teacher_topk=teacher_topk
+            )
         result.total.backward()
         del result
     module.zero_grad(set_to_none=True)

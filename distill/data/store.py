@@ -130,7 +130,7 @@ class StoreWriter:
     def _shard_done(self) -> None:
         self.shards_written += 1
         if self._faults:
-            self._faults.after_shard(self.shards_written)
+            self._faults.after_store_shard(self.shards_written)
 
     def close(self) -> int:
         """Close and fsync every file; returns the bytes of ids and offsets written."""

@@ -28,6 +28,8 @@ from distill.objective.losses import (
     _select_rows,
     _valid_rows,
     check_logit_terms,
+    teacher_bucket_logprobs,
+    term_per_token,
 )
 
 
@@ -116,6 +118,60 @@ def _ce_forward_kl_chunk(
     )
 
 
+def _topk_chunk(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    terms: Sequence[LogitTerm],
+    ce_weight: float,
+    teacher_logprobs: torch.Tensor,
+    teacher_indices: torch.Tensor,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One chunk of CE + any divergence terms against a top-k teacher (the cache), with
+    d(total)/d(logits) by hand.
+
+    Same values as :func:`_objective_on_rows` with ``teacher_topk``. The terms only see the
+    [C, k + 1] bucket log-probabilities s, so autograd runs on those alone; with g = d terms / d s,
+    the chain rule through s_i = z_i - lse(z) (top-k ids) and s_tail = log(sum of q outside the
+    top k) gives d/dz_j = g_j [j in top k] + g_tail q_j / Q_tail [j outside] - q_j sum_b g_b. Two
+    [C, V] buffers (q and q outside the top k) instead of autograd's graph over the vocabulary.
+    """
+    logits = hidden @ weight.T
+    logits_dtype = logits.dtype
+    dtype = _math_dtype(logits, teacher_logprobs)
+    log_q = F.log_softmax(logits.to(dtype), dim=-1)
+    del logits
+    label_index = labels.unsqueeze(1)
+    ce = -log_q.gather(1, label_index).sum()
+    student_top = log_q.gather(1, teacher_indices)
+    q = log_q.exp_()
+    del log_q
+    q_outside = q.scatter(1, teacher_indices, 0.0)
+    tail_mass = q_outside.sum(1, keepdim=True)
+    tiny = torch.finfo(dtype).tiny
+    student = torch.cat([student_top, tail_mass.clamp_min(tiny).log()], 1)
+    teacher = teacher_bucket_logprobs(teacher_logprobs, dtype)
+    student.requires_grad_(need_grad)
+    with torch.enable_grad():
+        sums = [term_per_token(term, student, teacher).sum() for term in terms]
+        zero = torch.zeros((), dtype=dtype, device=student.device)
+        terms_total = sum((t.weight * t.temperature**2 * v for t, v in zip(terms, sums)), zero)
+    total = ce_weight * ce + terms_total.detach()
+    grad = None
+    if need_grad:
+        g = torch.autograd.grad(terms_total, student)[0] if terms_total.requires_grad else None
+        if g is None:
+            g = torch.zeros_like(student)
+        grad = q.mul_(ce_weight - g.sum(1, keepdim=True))
+        grad.add_(q_outside.mul_(g[:, -1:] / tail_mass.clamp_min(tiny)))
+        grad.scatter_add_(1, teacher_indices, g[:, :-1])
+        grad.scatter_add_(1, label_index, torch.full_like(label_index, -ce_weight, dtype=dtype))
+        grad = grad.to(logits_dtype)
+    stacked = torch.stack([ce, *[v.detach() for v in sums]])
+    return total, stacked.to(torch.promote_types(torch.float32, logits_dtype)), grad
+
+
 class _ChunkedLogitObjective(torch.autograd.Function):
     """Fused head + objective over valid rows (Liger-style fused linear loss).
 
@@ -158,12 +214,15 @@ class _ChunkedLogitObjective(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
             chunk_hidden = hidden[start:end].to(weight.dtype)
-            chunk_teacher_hidden = topk = None
+            chunk_teacher_hidden = None
             if teacher_hidden is not None:
                 chunk_teacher_hidden = teacher_hidden[start:end].to(teacher_weight.dtype)
             if teacher_logprobs is not None:
                 topk = (teacher_logprobs[start:end], teacher_indices[start:end])
-            if closed_form:
+                chunk_total, chunk_sums, grad_logits = _topk_chunk(
+                    chunk_hidden, weight, labels[start:end], terms, ce_weight, *topk, need_grad
+                )
+            elif closed_form:
                 chunk_total, chunk_sums, grad_logits = _ce_forward_kl_chunk(
                     chunk_hidden,
                     weight,
@@ -182,7 +241,7 @@ class _ChunkedLogitObjective(torch.autograd.Function):
                 logits = (chunk_hidden @ weight.T).requires_grad_(need_grad)
                 with torch.enable_grad():
                     chunk_total, chunk_sums = _objective_on_rows(
-                        logits, labels[start:end], terms, ce_weight, teacher_logits, topk
+                        logits, labels[start:end], terms, ce_weight, teacher_logits, None
                     )
                 if need_grad:
                     (grad_logits,) = torch.autograd.grad(chunk_total, logits)

@@ -241,10 +241,18 @@ def topk_bucket_logprobs(
     student_tail = torch.logsumexp(outside_topk, dim=-1, keepdim=True) - log_normalizer
     student_tail = student_tail.clamp_min(math.log(torch.finfo(dtype).tiny))
 
+    return torch.cat([student_top, student_tail], -1), teacher_bucket_logprobs(
+        teacher_logprobs, dtype
+    )
+
+
+def teacher_bucket_logprobs(teacher_logprobs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The teacher's side of :func:`topk_bucket_logprobs`: [N, k + 1] log-probabilities, the
+    tail ``1 - sum_i p_i`` floored at the dtype's machine epsilon."""
     teacher_top = teacher_logprobs.to(dtype)
     teacher_tail_mass = -torch.expm1(torch.logsumexp(teacher_top, dim=-1, keepdim=True))
     teacher_tail = teacher_tail_mass.clamp_min(torch.finfo(dtype).eps).log()
-    return torch.cat([student_top, student_tail], -1), torch.cat([teacher_top, teacher_tail], -1)
+    return torch.cat([teacher_top, teacher_tail], -1)
 
 
 def _objective_on_rows(

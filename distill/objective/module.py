@@ -17,9 +17,14 @@ from distill.specs import ObjectiveSpec
 
 @dataclass
 class TeacherOutput:
-    hidden: torch.Tensor  # [B, S, H_t] final hidden states (after the final norm)
-    head_weight: torch.Tensor  # [V_t, H_t]
-    states: list[torch.Tensor] | None  # per-layer outputs, index i = layer i
+    """What the objective sees of the teacher: its final hidden states and head (online), or
+    its top-k log-probabilities (an offline cache), and optionally per-layer outputs."""
+
+    hidden: torch.Tensor | None  # [B, S, H_t] final hidden states (after the final norm)
+    head_weight: torch.Tensor | None  # [V_t, H_t]
+    states: list[torch.Tensor | None] | None  # per-layer outputs, index i = layer i
+    topk: tuple[torch.Tensor, torch.Tensor] | None = None
+    """Cache: (log-probabilities at T = 1 [B, S - 1, k], ids [B, S - 1, k]) for positions 0..S-2."""
 
 
 class TeacherTrunk(nn.Module):
@@ -94,11 +99,17 @@ class DistillModule(nn.Module):
         # under ZeRO-3 the engine gathers it (distributed.register_head); an evaluation outside
         # the engine reads a gathered copy
         head = full_weight(causal_lm_of(self.student).get_output_embeddings().weight)
-        t_hidden = t_head = None
+        t_hidden = t_head = t_topk = None
         if teacher is not None and objective is not None and objective.terms:
-            t_hidden = teacher.hidden[:, :-1].reshape(-1, teacher.hidden.shape[-1])
-            t_head = teacher.head_weight
-        result = self.logit_objective(hidden, head, shifted, t_hidden, t_head, all_valid)
+            if teacher.topk is not None:
+                logprobs, ids = teacher.topk
+                t_topk = (logprobs.reshape(-1, logprobs.shape[-1]), ids.reshape(-1, ids.shape[-1]))
+            else:
+                t_hidden = teacher.hidden[:, :-1].reshape(-1, teacher.hidden.shape[-1])
+                t_head = teacher.head_weight
+        result = self.logit_objective(
+            hidden, head, shifted, t_hidden, t_head, all_valid, teacher_topk=t_topk
+        )
         total, parts = result.total, dict(result.terms)
         if want_states:
             mask = torch.zeros_like(labels, dtype=torch.bool)
@@ -124,17 +135,20 @@ class DistillModule(nn.Module):
         teacher_hidden: torch.Tensor | None = None,
         teacher_head: torch.Tensor | None = None,
         all_valid: bool = False,
+        teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         """CE + logit terms (sums, a `ObjectiveOutput`) from final hidden states [N, H] and
-        aligned labels [N], by the objective's path; `distill bench` also measures it alone."""
+        aligned labels [N], by the objective's path; the teacher is its final hidden states and
+        head, or its cached top-k (log-probabilities, ids) [N, k]. `distill bench` also measures
+        it alone."""
 
         objective = self.objective
         terms, ce_weight = [], 1.0
-        if objective is not None and teacher_hidden is not None:
+        if objective is not None and (teacher_hidden is not None or teacher_topk is not None):
             terms = objective.terms  # the recipe's own terms: validated once, at load
             ce_weight = objective.ce_weight
         if not terms:
-            teacher_hidden = teacher_head = None
+            teacher_hidden = teacher_head = teacher_topk = None
         if objective is not None and objective.path == "naive":
             student_logits = hidden @ head.t()
             teacher_logits = (
@@ -146,6 +160,7 @@ class DistillModule(nn.Module):
                 terms,
                 ce_weight,
                 teacher_logits=teacher_logits,
+                teacher_topk=teacher_topk,
                 vocab_size=self.vocab_size,
             )
         return chunked_logit_objective(
@@ -156,6 +171,7 @@ class DistillModule(nn.Module):
             ce_weight,
             teacher_hidden=teacher_hidden,
             teacher_head_weight=teacher_head,
+            teacher_topk=teacher_topk,
             vocab_size=self.vocab_size,
             chunk_size=self.chunk_size,
             all_valid=all_valid,

@@ -16,9 +16,11 @@ from distill.compress.fake_quant import set_fake_quant_enabled
 from distill.compress.prune import apply_masks, masks_from_zeros
 from distill.config import ModelSpec, TeacherRef, TrainSpec
 from distill.errors import RecipeError
-from distill.models import add_lora, freeze, hidden_width
+from distill.models import add_lora, freeze, hidden_width, num_layers
 from distill.objective.hidden import HiddenProjections
+from distill.objective.losses import check_logit_terms
 from distill.objective.module import DistillModule
+from distill.run.cache_source import open_stage_cache
 from distill.run.context import (
     RunContext,
     check_model_against_tokenizer,
@@ -31,6 +33,7 @@ from distill.run.quant_stages import _prepare_fake_quant
 from distill.runtime import distributed
 from distill.runtime.loop import TrainHooks
 from distill.specs import ObjectiveSpec, QuantSpec
+from distill.teacher_cache.store import CachedTeacher
 
 
 @dataclass
@@ -39,8 +42,9 @@ class TrainingRun:
 
     module: DistillModule
     """Student + hidden-loss projections + objective: what the optimizer trains."""
-    teacher: nn.Module | None
-    """The frozen teacher as the loop calls it (an inference ZeRO-3 trunk when partitioned)."""
+    teacher: nn.Module | CachedTeacher | None
+    """The frozen teacher as the loop calls it (an inference ZeRO-3 trunk when partitioned), or
+    the offline teacher cache it reads."""
     teacher_model: nn.Module | None
     """The frozen teacher as a plain causal LM (for teacher agreement), or None."""
     teacher_name: str | None
@@ -60,10 +64,12 @@ def assemble_training_run(
     acc=None,
     objective_path: str | None = None,
     device: torch.device | None = None,
+    cache: CachedTeacher | None = None,
 ) -> TrainingRun:
     """Build a training stage. `acc` is the stage's Accelerator (None: one process, no DeepSpeed);
     `objective_path` replaces the objective's loss path (the benchmark compares them); `device`
-    builds the models directly there (the benchmark; a run leaves placement to the loop)."""
+    builds the models directly there (the benchmark; a run leaves placement to the loop);
+    `cache` replaces the teacher cache the stage names (the benchmark's, written in memory)."""
     where = torch.device(device) if device is not None else nullcontext()
     with where, _whole_if_fresh(ctx, stage.model):
         student = load_ref(ctx, stage.model, "student")
@@ -73,7 +79,12 @@ def assemble_training_run(
     teacher = teacher_in_loop = placement = None
     if teacher_name is not None:
         with where:
-            teacher, teacher_in_loop, placement = _teacher(ctx, stage, spec, acc, teacher_name)
+            ref = getattr(stage, "teacher", None)
+            teacher, teacher_in_loop, placement = frozen_teacher(ctx, ref, spec, acc, teacher_name)
+    elif stage.teacher_cache is not None:
+        world = acc.num_processes if acc is not None else 1
+        teacher_in_loop = cache or open_stage_cache(ctx, stage, spec, world)
+        teacher_name, placement = stage.teacher_cache, "cache"
     hooks = TrainHooks()
     sparse = stage.kind == "distill" and keeps_sparsity(ctx.recipe, stage)
     if sparse:
@@ -88,7 +99,7 @@ def assemble_training_run(
         )
     if model_spec is not None and model_spec.lora is not None:
         student = add_lora(student, model_spec.lora)
-    module = _objective_module(ctx, stage, student, teacher, objective_path)
+    module = _objective_module(ctx, stage, student, teacher or teacher_in_loop, objective_path)
     if device is not None:
         module.to(device)
     return TrainingRun(
@@ -96,9 +107,10 @@ def assemble_training_run(
     )
 
 
-def _teacher(ctx: RunContext, stage, spec: TrainSpec, acc, name: str):
-    """(the plain frozen teacher, the teacher the loop calls, its placement)."""
-    placement, teacher_ds = _teacher_placement(ctx, acc, spec, stage.teacher, name)
+def frozen_teacher(ctx: RunContext, ref: TeacherRef | None, spec: TrainSpec, acc, name: str):
+    """(the plain frozen teacher `name`, the teacher the loop calls, its placement): placed as
+    `ref` says (a distill stage's `teacher`), in the precision of `spec`."""
+    placement, teacher_ds = _teacher_placement(ctx, acc, spec, ref, name)
     with distributed.building_teacher(placement, teacher_ds), _whole_if_fresh(ctx, name):
         teacher = load_ref(ctx, name, "teacher", dtype=_teacher_dtype(spec))
     check_model_against_tokenizer(ctx, name, teacher, f"teacher {name!r}")
@@ -157,8 +169,10 @@ def _fake_quantize(stage, student: nn.Module, model_spec: ModelSpec | None, hook
 
 def _objective_module(ctx: RunContext, stage, student, teacher, path: str | None) -> DistillModule:
     """The objective around the student: CE only without a teacher, else the stage's objective
-    with its hidden-state layer map and projections."""
+    with its hidden-state layer map and projections (`teacher`: a model or a cache)."""
     objective = getattr(stage, "objective", None) if teacher is not None else None
+    if isinstance(teacher, CachedTeacher) and objective is not None:
+        _check_cache_objective(stage, objective, teacher)
     if path is not None and objective is not None:
         objective = objective.model_copy(update={"path": path})
     elif path == "naive":  # CE only: the same module, with its naive loss path
@@ -166,10 +180,47 @@ def _objective_module(ctx: RunContext, stage, student, teacher, path: str | None
     layer_map, projections = None, None
     if objective is not None and teacher is not None and objective.hidden is not None:
         try:
-            layer_map = hidden_layer_map(ctx, stage, student, teacher)
+            layers, width = _teacher_layers_and_width(teacher)
+            layer_map = hidden_layer_map(ctx, stage, student, layers)
             projections = HiddenProjections(
-                layer_map, hidden_width(student), hidden_width(teacher), objective.hidden.projection
+                layer_map, hidden_width(student), width, objective.hidden.projection
             )
         except ValueError as err:
             raise RecipeError(f"stage {stage.name!r} objective.hidden: {err}") from err
+        _check_cached_layers(stage, layer_map, teacher)
     return DistillModule(student, objective, len(ctx.tokenizer), layer_map, projections)
+
+
+def _teacher_layers_and_width(teacher) -> tuple[int, int]:
+    if isinstance(teacher, CachedTeacher):
+        return teacher.manifest["teacher_layers"], teacher.manifest["hidden_size"]
+    return num_layers(teacher), hidden_width(teacher)
+
+
+def _check_cache_objective(stage, objective: ObjectiveSpec, cache: CachedTeacher) -> None:
+    """Terms a top-k cache cannot give (logit_mse needs full logits), named before training."""
+    try:
+        check_logit_terms(objective.terms, objective.ce_weight, "topk")
+    except ValueError as err:
+        raise RecipeError(
+            f"stage {stage.name!r} reads the teacher cache {cache.root}: {err}"
+        ) from None
+    if objective.hidden is not None and not cache.hidden_layers:
+        raise RecipeError(
+            f"stage {stage.name!r}: objective.hidden needs teacher hidden states, but the teacher "
+            f"cache {cache.root} holds none; list the layers in the cache stage's "
+            "`cache.hidden_layers`, or remove objective.hidden"
+        )
+
+
+def _check_cached_layers(stage, layer_map, teacher) -> None:
+    if not isinstance(teacher, CachedTeacher):
+        return
+    missing = sorted({t for _, t in layer_map} - set(teacher.hidden_layers))
+    if missing:
+        raise RecipeError(
+            f"stage {stage.name!r}: its hidden-state layer map {layer_map} needs teacher layers "
+            f"{missing}, but the teacher cache {teacher.root} holds layers "
+            f"{teacher.hidden_layers}; set the cache stage's `cache.hidden_layers` to include "
+            "them, or give `objective.hidden.layer_map` pairs with cached layers"
+        )

@@ -10,7 +10,8 @@ import sysconfig
 import torch
 
 from distill.config import DataSpec, EvalSpec, HubEvalSet
-from distill.data import load_documents, pack_documents
+from distill.data.blocks import pack_documents
+from distill.data.documents import load_documents
 from distill.errors import RecipeError
 from distill.run.context import RunContext
 

@@ -15,7 +15,10 @@ import shutil
 import time
 
 from distill.config import TRAINING_KINDS, Recipe
+from distill.errors import RecipeError
 from distill.recipe_file import recipe_to_yaml
+from distill.run.cache_source import cache_fingerprint
+from distill.run.cache_stage import run_cache_stage
 from distill.run.context import (
     STAGE_DONE,
     RunContext,
@@ -37,9 +40,13 @@ from distill.runtime.distributed import check_launch, check_same_recipe
 
 
 def run_recipe(
-    recipe: Recipe, max_steps: int | None = None, force_resume: bool = False
+    recipe: Recipe,
+    max_steps: int | None = None,
+    force_resume: bool = False,
+    until: str | None = None,
 ) -> list[StageResult]:
-    """Run every stage of `recipe`; returns what each produced."""
+    """Run every stage of `recipe` (or those up to and including the stage `until`); returns
+    what each produced."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-shard save/load bars drown the training log
@@ -53,7 +60,11 @@ def run_recipe(
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         (ctx.out_dir / "recipe.yaml").write_text(_recipe_yaml(recipe))
     prepare_tokenizer_and_data(ctx)
-    for stage in recipe.stages:
+    names = [stage.name for stage in recipe.stages]
+    if until is not None and until not in names:
+        raise RecipeError(f"stage {until!r} is not in the recipe (stages: {', '.join(names)})")
+    stages = recipe.stages[: names.index(until) + 1] if until else recipe.stages
+    for stage in stages:
         ctx.results.append(run_stage(ctx, stage))
         if ctx.is_main:
             write_summary(ctx.out_dir / "summary.json", [r.to_json() for r in ctx.results])
@@ -85,11 +96,13 @@ def stage_fingerprint(ctx: RunContext, stage) -> str:
         settings["train"]["max_steps"] = min(settings["train"]["max_steps"], ctx.max_steps)
     upstream = [ref_fingerprint(ctx, stage.model)]
     teacher = getattr(stage, "teacher", None)
-    if teacher is not None:
+    if teacher is not None and teacher.model is not None:
         upstream.append(ref_fingerprint(ctx, teacher.model))
     eval_teacher = ctx.recipe.eval.teacher
     if eval_teacher in ctx.fingerprints:  # agreement is measured against that stage's output
         upstream.append(ctx.fingerprints[eval_teacher])
+    if stage.teacher_cache is not None:  # what the cache holds, not only its name
+        upstream.append(cache_fingerprint(ctx, stage.teacher_cache))
     return ctx.recipe.fingerprint(
         settings,
         upstream,
@@ -153,6 +166,7 @@ def run_stage(ctx: RunContext, stage) -> StageResult:
 RUNNERS = {
     "train": run_training_stage,
     "distill": run_training_stage,
+    "cache-teacher": run_cache_stage,
     "qat": run_training_stage,
     "prune": run_prune_stage,
     "ptq": run_ptq_stage,

@@ -103,7 +103,7 @@ def _recovery_extra(ctx: RunContext, stage, perplexity: float) -> dict:
     }
 
 
-def hidden_layer_map(ctx: RunContext, stage, student, teacher) -> list[tuple[int, int]]:
+def hidden_layer_map(ctx: RunContext, stage, student, teacher_layers: int) -> list[tuple[int, int]]:
     """The (student layer, teacher layer) pairs of a stage's hidden-state loss.
 
     `uniform` spreads the student's layers evenly over the teacher's; but a student made by
@@ -112,7 +112,7 @@ def hidden_layer_map(ctx: RunContext, stage, student, teacher) -> list[tuple[int
     """
 
     spec = stage.objective.hidden.layer_map
-    student_layers, teacher_layers = num_layers(student), num_layers(teacher)
+    student_layers = num_layers(student)
     if spec == "uniform":
         kept = _layers_kept_by_depth_prune(ctx, stage.model, teacher_layers)
         if kept is not None and len(kept) == student_layers:
@@ -165,7 +165,8 @@ def keeps_sparsity(recipe: Recipe, stage) -> bool:
         return False
     if stage.keep_sparsity != "auto":
         return bool(stage.keep_sparsity)
-    earlier = [s for s in recipe.stages[: recipe.stages.index(stage)] if s.name == stage.model]
+    position = [s.name for s in recipe.stages].index(stage.name)  # a copy of the stage too (bench)
+    earlier = [s for s in recipe.stages[:position] if s.name == stage.model]
     if earlier:
         upstream = earlier[-1]
         return upstream.kind == "prune" and upstream.prune.method in SPARSE_METHODS

@@ -141,6 +141,8 @@ def _comparisons(entries: list[dict]) -> list[str]:
     out = []
     by_name = {e["name"]: e for e in entries}
     for e in entries:
+        if e.get("kind") == "cache-teacher":
+            out.append(_cache_reuse(e, [r for r in entries if r.get("teacher_cache") == e["name"]]))
         ref = e.get("compare_to")
         if ref and ref in by_name and e.get("kind") != "export":  # exports: one line per file
             a = (by_name[ref].get("eval") or {}).get("perplexity")
@@ -183,6 +185,17 @@ def _export_lines(export: dict, source: dict) -> list[str]:
                 f"perplexity {m['perplexity']:.2f}{delta}; {_fmt_bytes(x['size_bytes'])}"
             )
     return lines
+
+
+def _cache_reuse(cache: dict, readers: list[dict]) -> str:
+    """How much teacher work an offline cache saved: computed once, read by every reader."""
+    trained = sum(r.get("tokens") or 0 for r in readers)
+    return (
+        f"{cache['name']}: {cache['tokens']:,} teacher tokens computed once (k={cache['k']}, "
+        f"{cache['bytes_per_token']:.0f} bytes/token) and reused by {len(readers)} stages "
+        f"({', '.join(r['name'] for r in readers) or 'none'}) that trained on {trained:,} tokens "
+        "without running the teacher"
+    )
 
 
 def _pruning_recovery(recovery: dict, pruned: dict) -> str:

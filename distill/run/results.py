@@ -45,6 +45,12 @@ class StageResult:
     details: dict | None = None
     """Prune stages: what was removed (the prune record's details)."""
     fake_quant_after: int | None = None
+    teacher_cache: str | None = None
+    """Training stages: the offline teacher cache they read."""
+    k: int | None = None
+    """`cache-teacher` stages: top-k tokens stored per position."""
+    bytes_per_token: float | None = None
+    """`cache-teacher` stages: bytes on disk per cached position."""
     latency_s: float | None = None
     latency_dtype: str | None = None
     float_latency_s: float | None = None

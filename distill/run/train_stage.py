@@ -126,9 +126,12 @@ def _measure(ctx: RunContext, stage, run: TrainingRun, export, result: TrainResu
         extra.update(_qat_extra(ctx, stage, run.quant.name(), metrics["perplexity"]))
     if stage.kind == "distill":
         extra["teacher"] = run.teacher_name
-        extra["teacher_agreement"] = teacher_agreement(
-            export, run.teacher_model, ctx.data.eval, 16, len(ctx.tokenizer)
-        )
+        if run.teacher_model is not None:  # a cache holds no teacher to compare with
+            extra["teacher_agreement"] = teacher_agreement(
+                export, run.teacher_model, ctx.data.eval, 16, len(ctx.tokenizer)
+            )
+    if stage.teacher_cache is not None:
+        extra["teacher_cache"] = stage.teacher_cache
         extra.update(_recovery_extra(ctx, stage, metrics["perplexity"]))
     if run.keeps_sparsity:
         extra["keep_sparsity"] = True

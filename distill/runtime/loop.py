@@ -43,6 +43,7 @@ from distill.runtime.checkpoint import (
 from distill.runtime.distributed import register_head
 from distill.runtime.evaluate import heldout_metrics
 from distill.runtime.signals import SignalWatch
+from distill.teacher_cache.store import CachedTeacher
 from distill.tracking import Tracker
 
 # ----------------------------------------------------------------------------------------------
@@ -105,7 +106,8 @@ class TrainHooks:
 class TrainJob:
     accelerator: object
     module: DistillModule
-    teacher: nn.Module | None
+    teacher: nn.Module | CachedTeacher | None
+    """A frozen teacher run online, or an offline teacher cache read by block index."""
     train_blocks: torch.Tensor
     eval_blocks: torch.Tensor
     spec: TrainSpec
@@ -138,7 +140,8 @@ def autocast_for(spec: TrainSpec, device: torch.device):
 def train(job: TrainJob) -> TrainResult:
     """Resume, then for each optimizer step: `train_step`, hooks, log, evaluate, save."""
     acc, spec = job.accelerator, job.spec
-    if job.teacher is not None and not is_partitioned(job.teacher):  # ZeRO-3: placed by DS
+    online = isinstance(job.teacher, nn.Module)
+    if online and not is_partitioned(job.teacher):  # ZeRO-3: placed by DS
         job.teacher.to(acc.device)
     optimizer = torch.optim.AdamW(
         param_groups(job.module, spec.weight_decay), lr=spec.lr, betas=tuple(spec.betas)
@@ -164,12 +167,20 @@ def train(job: TrainJob) -> TrainResult:
             if job.hooks.before_step:
                 job.hooks.before_step(step, acc.unwrap_model(module))
             lr = lr_at(step, spec)
-            batches = [
-                job.train_blocks[order.indices(step, a, acc.process_index)].to(acc.device)
-                for a in range(spec.grad_accum)
-            ]
+            blocks = [order.indices(step, a, acc.process_index) for a in range(spec.grad_accum)]
+            batches = [job.train_blocks[b].to(acc.device) for b in blocks]
             out = train_step(
-                acc, module, optimizer, job.teacher, batches, spec, lr, autocast, faults, step
+                acc,
+                module,
+                optimizer,
+                job.teacher,
+                batches,
+                spec,
+                lr,
+                autocast,
+                faults,
+                step,
+                blocks,
             )
             _after_step(job, acc, module, state, out, step, ckpt_root)
             if faults:
@@ -233,10 +244,12 @@ def train_step(
     autocast,
     faults: Faults | None = None,
     step: int = 0,
+    blocks: list[torch.Tensor] | None = None,
 ) -> StepOutput:
     """Forward and backward every micro-batch of one optimizer step, clip, step (unless a loss or
     gradient is not finite on some rank), zero the gradients.
 
+    `blocks` are the micro-batches' training-block indices, which address a teacher cache.
     Two host reads per step, both needed to decide something: the step's global token count
     (every backward is scaled by it) and whether every rank's loss and gradient norm are finite.
     """
@@ -255,7 +268,11 @@ def train_step(
     for micro, mb in enumerate(batches):
         if faults:
             faults.before_micro(step, micro)
-        teacher_out = teacher_forward(teacher, mb, want_states, autocast) if teacher else None
+        teacher_out = None
+        if isinstance(teacher, CachedTeacher):
+            teacher_out = teacher.read(blocks[micro], mb.device, want_states)
+        elif teacher is not None:
+            teacher_out = teacher_forward(teacher, mb, want_states, autocast)
         with acc.accumulate(module):
             with autocast:
                 total, parts, _ = module(mb, teacher_out)

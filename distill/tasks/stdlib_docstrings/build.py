@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from distill.config import DataSpec
-from distill.data import is_heldout
+from distill.data.documents import is_heldout
 
 CHOICES = 4
 HELDOUT_FRACTION = DataSpec.model_fields["eval_fraction"].default
