@@ -26,6 +26,7 @@ import numpy as np
 
 from distill.errors import RecipeError
 from distill.faults import from_env
+from distill.files import fsync_path, sha256_file
 
 FORMAT = "distill-token-store"
 VERSION = 1
@@ -37,14 +38,6 @@ SPLITS = ("train", "heldout")
 def token_dtype(max_token_id: int) -> str:
     """The narrowest unsigned integer type that holds every id of the vocabulary."""
     return "uint16" if max_token_id < 2**16 else "uint32"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _SplitWriter:
@@ -148,7 +141,7 @@ class StoreWriter:
         manifest["splits"] = self._closed
         _write_json(self.partial / STATS, stats)
         _write_json(self.partial / MANIFEST, manifest)
-        _fsync_dir(self.partial)
+        fsync_path(self.partial)
         replace_dir(self.partial, self.path)
         return manifest
 
@@ -187,7 +180,7 @@ def replace_dir(new: Path, path: Path) -> None:
     if path.exists():
         path.rename(old)
     new.rename(path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
     if old.exists():
         shutil.rmtree(old)
 
@@ -278,10 +271,6 @@ class TokenStore:
         bad = []
         for split in self.manifest["splits"].values():
             for item in [*split["shards"], split["offsets"]]:
-                digest = hashlib.sha256()
-                with open(self.path / item["file"], "rb") as f:
-                    for chunk in iter(lambda f=f: f.read(1 << 24), b""):
-                        digest.update(chunk)
-                if digest.hexdigest() != item["sha256"]:
+                if sha256_file(self.path / item["file"]) != item["sha256"]:
                     bad.append(item["file"])
         return bad

@@ -16,6 +16,7 @@ import torch
 
 from distill.config import CacheSpec, TeacherRef, TrainSpec
 from distill.errors import RecipeError
+from distill.faults import from_env
 from distill.models import count_params, num_layers
 from distill.objective.module import teacher_forward
 from distill.run.assemble import frozen_teacher
@@ -24,7 +25,6 @@ from distill.run.context import RunContext, ref_fingerprint, stage_dir
 from distill.run.results import StageResult
 from distill.run.stage_output import _heldout
 from distill.runtime.distributed import make_accelerator
-from distill.faults import from_env
 from distill.runtime.loop import autocast_for
 from distill.teacher_cache.encoding import ENCODING, encode_topk
 from distill.teacher_cache.store import finished_shard, write_manifest, write_shard

@@ -9,7 +9,6 @@ into place only when complete, so a directory named `step_*` with a valid manife
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from distill.errors import CheckpointError
+from distill.files import fsync_path, sha256_file
 
 MANIFEST = "MANIFEST.json"
 STATE = "trainer_state.json"
@@ -29,27 +29,11 @@ def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_manifest(directory: Path) -> None:
     """Hash every file, fsync them, then write the manifest (itself fsynced) last."""
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
-        _fsync_path(path)
+        fsync_path(path)
         rel = path.relative_to(directory).as_posix()
         files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     tmp = directory / (MANIFEST + ".tmp")
@@ -134,7 +118,7 @@ def commit(root: Path, step: int, keep_last: int) -> Path:
     if final.exists():
         shutil.rmtree(final)  # a re-save of the same step (e.g. signal right after a save)
     os.replace(tmp, final)
-    _fsync_path(root)
+    fsync_path(root)
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from distill.errors import RecipeError
+from distill.files import sha256_file
 from distill.objective.module import TeacherOutput
-from distill.runtime.checkpoint import sha256_file
 from distill.teacher_cache.encoding import ENCODING, decode_topk, record_dtype
 
 MANIFEST = "MANIFEST.json"
@@ -36,14 +36,6 @@ IDENTITY_KEYS = ("tokenizer", "data", "seq_len", "vocab_size")
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
