@@ -26,9 +26,12 @@ class Artifact:
 
 
 def _gguf(path: Path) -> Artifact:
-    # transformers' own GGUF loader (dequantized to float): what an export stage verifies
-    file = sorted(path.glob("*.gguf"))[0]
-    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=file.name, dtype=torch.float32)
+    """A GGUF file (or the directory an export stage wrote it in), through transformers' own GGUF
+    loader, dequantized to float: what the export stage verifies."""
+    file = path if path.is_file() else sorted(path.glob("*.gguf"))[0]
+    model = AutoModelForCausalLM.from_pretrained(
+        file.parent, gguf_file=file.name, dtype=torch.float32
+    )
     return Artifact(model.eval(), "gguf", file.stem)
 
 
@@ -49,11 +52,9 @@ def _compressed_tensors(path: Path) -> Artifact:
             f"{path} is a compressed-tensors checkpoint; pip install compressed-tensors to "
             "evaluate it"
         ) from None
-    method = json.loads((path / "config.json").read_text())["quantization_config"]
+    # the format says how it is stored; its grid is recorded by the export stage that wrote it
     return Artifact(
-        load_pretrained(str(path), what="compressed-tensors model"),
-        "compressed-tensors",
-        method.get("format"),
+        load_pretrained(str(path), what="compressed-tensors model"), "compressed-tensors"
     )
 
 
@@ -81,6 +82,8 @@ FORMATS: list[tuple[str, Callable[[Path], bool], Callable[[Path], Artifact]]] = 
 def load_artifact(path: str | Path) -> Artifact:
     """The model in `path`, loaded by the first row of FORMATS that recognises the directory."""
     path = Path(path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":  # an export stage's model is the file itself
+        return _gguf(path)
     for _, matches, load in FORMATS:
         if path.is_dir() and matches(path):
             return load(path)

@@ -144,9 +144,9 @@ def run_stage(ctx: RunContext, stage) -> StageResult:
     if result.kind in TRAINING_KINDS:  # the loop's own time; the stage's includes load/eval/export
         result.train_wall_s = result.wall_s
     result.wall_s = time.perf_counter() - t0
-    if (
-        result.metrics is None
-    ):  # every stage's output, measured as served (`evaluate` measures itself)
+    # every model a stage writes, measured as served (`evaluate` measures itself; a teacher cache
+    # holds no model)
+    if result.metrics is None and stage.kind != "cache-teacher":
         result.metrics = stage_metrics(ctx, stage, result)
     if stage.compare_to:
         result.compare_to = stage.compare_to

@@ -130,9 +130,9 @@ def _measure(ctx: RunContext, stage, run: TrainingRun, export, result: TrainResu
             extra["teacher_agreement"] = teacher_agreement(
                 export, run.teacher_model, ctx.data.eval, 16, len(ctx.tokenizer)
             )
+        extra.update(_recovery_extra(ctx, stage, metrics["perplexity"]))
     if stage.teacher_cache is not None:
         extra["teacher_cache"] = stage.teacher_cache
-        extra.update(_recovery_extra(ctx, stage, metrics["perplexity"]))
     if run.keeps_sparsity:
         extra["keep_sparsity"] = True
         extra["sparsity"] = sparsity_of(export)
