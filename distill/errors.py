@@ -68,6 +68,11 @@ class CheckpointError(DistillError):
     """A checkpoint cannot be written or used; the message says what to do."""
 
 
+class DiskWriteError(DistillError):
+    """A write failed (full disk, quota, read-only or failing file system); the message names the
+    path, the free space there and what is still intact (see `distill.files.writing`)."""
+
+
 class TrainingDiverged(DistillError):
     """Too many consecutive non-finite steps."""
 

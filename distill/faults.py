@@ -4,7 +4,9 @@ point, in training and in data preparation. Installed only when the DISTILL_FAUL
     DISTILL_FAULT=kill_at_micro=5.1        SIGKILL itself before micro-batch 1 of step 5
     DISTILL_FAULT=slow_save=3              sleep 3 s after writing a checkpoint, before committing it
     DISTILL_FAULT=nan_at=3-7               make the loss NaN at steps 3..7
-    DISTILL_FAULT=enospc_at_save=4         fail the save of step 4 with "No space left on device"
+    DISTILL_FAULT=enospc_at_save=4         the save of step 4 writes its weights into /dev/full
+    DISTILL_FAULT=fill_disk_at_save=4      fill the file system (checkpoints/disk-filler) just
+                                           before the save of step 4, after its free-space check
     DISTILL_FAULT=step_sleep=0.3           sleep after every optimizer step (time to send a signal)
     DISTILL_FAULT=kill_after_store_shard=2 SIGKILL itself once the 2nd token-store shard is written
     DISTILL_FAULT=term_after_store_shard=2 SIGTERM itself at that point instead
@@ -15,11 +17,11 @@ Several faults are separated by commas.
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -42,9 +44,20 @@ class Faults:
                 return loss * float("nan")
         return loss
 
+    def before_save(self, step: int, checkpoint_dir: Path) -> None:
+        """A full disk at the real write point: the weights file of the checkpoint about to be
+        written is a link to /dev/full, where every write fails with ENOSPC, so torch.save fails
+        as it does on a full disk (a RuntimeError "unexpected pos", not an OSError)."""
+        if self.settings.get("fill_disk_at_save") == str(step):
+            fill_disk(checkpoint_dir.parent / FILLER)
+        if self.settings.get("enospc_at_save") != str(step):
+            return
+        if not os.path.exists("/dev/full"):  # not Linux: raise what torch.save raises there
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 0 vs 0")
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        (checkpoint_dir / "pytorch_model.bin").symlink_to("/dev/full")
+
     def during_save(self, step: int) -> None:
-        if self.settings.get("enospc_at_save") == str(step):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         if "slow_save" in self.settings:
             time.sleep(float(self.settings["slow_save"]))
 
@@ -61,6 +74,23 @@ class Faults:
             os.kill(os.getpid(), signal.SIGKILL)
         if self.settings.get("term_after_store_shard") == str(count):
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+FILLER = "disk-filler"
+
+
+def fill_disk(path: Path) -> None:
+    """Write `path` until the file system is full (another job filling a shared disk)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        for chunk in (1 << 20, 1 << 12, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * chunk)
+            except OSError:  # ENOSPC (or EFBIG, EDQUOT): full at this chunk size
+                continue
+    finally:
+        os.close(fd)
 
 
 def from_env() -> Faults | None:

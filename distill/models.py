@@ -5,7 +5,6 @@ length the model supports."""
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from torch import nn
 from distill.compress.ct_export import unpack_on_load
 from distill.config import ModelSpec
 from distill.errors import RecipeError
+from distill.files import atomic_dir, check_free_space
 from distill.recipe_file import looks_local
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -244,21 +244,34 @@ def is_partitioned(module: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
-def write_model_dir(out: Path, write: Callable[[Path], None]) -> None:
+def write_model_dir(
+    out: Path, write: Callable[[Path], None], what: str = "writing the model dir", needed=None
+) -> None:
     """Write a model directory atomically: `write(tmp)` fills a temporary sibling folder, which
-    then replaces `out`, so a model dir is whole or absent (never half-written)."""
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    then replaces `out`, so a model dir is whole or absent (never half-written), and a failed write
+    (a full disk) leaves the previous one and says so."""
+    with atomic_dir(Path(out), f"{what} {out}", needed) as tmp:
+        write(tmp)
+
+
+def model_bytes(model) -> int:
+    """What the model's weights take on disk (each parameter and buffer at its dtype, a tied
+    weight once)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def save_model_dir(model, tokenizer, out: Path, extra_files: dict[str, str] | None = None) -> None:
-    """`save_pretrained` of the model and tokenizer (plus small text files), atomically."""
+    """`save_pretrained` of the model and tokenizer (plus small text files), atomically, refused
+    up front when its weights cannot fit on the disk."""
+    needed = model_bytes(model)
+    check_free_space(
+        Path(out).parent,
+        needed,
+        f"the model dir {Path(out).name}",
+        "Free space there or point `output_dir` at a file system with room, then run the same "
+        "command again (a training stage resumes from its last checkpoint).",
+    )
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
@@ -267,4 +280,4 @@ def save_model_dir(model, tokenizer, out: Path, extra_files: dict[str, str] | No
         for name, content in (extra_files or {}).items():
             (tmp / name).write_text(content)
 
-    write_model_dir(out, write)
+    write_model_dir(out, write, needed=needed)

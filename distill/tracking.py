@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
 import string
 import sys
 from pathlib import Path
 
 from distill.config import WandbSpec
+from distill.files import writing
 
 
 class Tracker:
@@ -34,7 +36,9 @@ class Tracker:
         if metrics_path is None:
             return
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(metrics_path, "a")  # noqa: SIM115 - lives as long as the tracker
+        # unbuffered: a row that cannot be written (a full disk) is cut off at once, not left in a
+        # buffer that the next write or close would fail on again
+        self._fh = open(metrics_path, "ab", buffering=0)  # noqa: SIM115 - lives as the tracker
         if wandb_spec is not None and wandb_spec.mode != "disabled":
             self._start_wandb(wandb_spec, run_name, config or {}, group)
 
@@ -76,8 +80,16 @@ class Tracker:
         if self.metrics_path is None:
             return
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        self._fh.write(json.dumps(row) + "\n")
-        self._fh.flush()
+        end = os.fstat(self._fh.fileno()).st_size
+        with writing(
+            self.metrics_path,
+            f"appending a row to {self.metrics_path}",
+            "Its earlier rows are intact, and so are the stage's checkpoints",
+            cleanup=lambda: os.ftruncate(self._fh.fileno(), end),  # no half row
+        ):
+            data = memoryview((json.dumps(row) + "\n").encode())
+            while data:  # a short write is followed by one that says why
+                data = data[self._fh.write(data) :]
         if self._wandb_run is not None:
             try:
                 self._wandb_run.log(metrics, step=step)

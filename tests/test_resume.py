@@ -131,8 +131,11 @@ def test_disk_full_during_save_is_clear_and_keeps_previous(reference, tmp_path):
     run, recipe = fresh_run(reference, tmp_path)
     proc = run_cli("run", recipe, env={"DISTILL_FAULT": "enospc_at_save=4"}, check=False)
     assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    # the fault fails the real write (into /dev/full): torch.save raises its RuntimeError
     assert "saving the checkpoint of step 4" in proc.stderr
-    assert "No space left on device" in proc.stderr
+    assert "RuntimeError" in proc.stderr and "unexpected pos" in proc.stderr
+    assert "free" in proc.stderr
     assert "step_00000002) is intact" in proc.stderr
     names = [p.name for p in (run / "distilled" / "checkpoints").iterdir()]
     assert names == ["step_00000002"]

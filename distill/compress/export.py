@@ -36,6 +36,7 @@ from distill.compress.gguf_export import (
 )
 from distill.compress.grids import Grid, target_grid
 from distill.errors import RecipeError
+from distill.files import atomic_dir, atomic_file
 from distill.models import dir_size_bytes, load_pretrained, load_tokenizer
 from distill.targets import EXPORT_FORMATS
 
@@ -157,18 +158,24 @@ def export_model(
     tokenizer = load_tokenizer(str(tokenizer_dir), what="model to export")
     grid = plan.grid.name() if plan.grid else None
     result = ExportResult(format, str(tokenizer_dir), str(out_dir), 0, grid, trained)
+    what = f"exporting {model_dir} as {format} to"
     if plan.gguf_kind:
         path = out_dir / f"model-{plan.gguf_kind.upper()}.gguf"
-        export_gguf(model, tokenizer_dir, path, plan.gguf_kind, plan.embeddings, model_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path, f"{what} {path}") as tmp:
+            export_gguf(model, tokenizer_dir, tmp, plan.gguf_kind, plan.embeddings, model_dir)
         result.path, result.size_bytes = str(path), path.stat().st_size
         if plan.grid is not None:
             result.linear_bytes_ratio = quantized_bytes_ratio(path, plan.gguf_kind)
         return result
+    # written whole beside `out_dir`, then moved in: other files a user keeps there stay
+    with atomic_dir(out_dir, f"{what} {out_dir}", merge=True) as tmp:
+        if plan.grid is not None:
+            export_compressed_tensors(model, tokenizer, tmp, plan.grid, plan.dtype)
+        else:
+            _export_safetensors(model, tokenizer, tmp, plan.dtype)
     if plan.grid is not None:
-        export_compressed_tensors(model, tokenizer, out_dir, plan.grid, plan.dtype)
         result.linear_bytes_ratio = linear_bytes_ratio(out_dir)
-    else:
-        _export_safetensors(model, tokenizer, out_dir, plan.dtype)
     result.size_bytes = dir_size_bytes(out_dir)
     return result
 

@@ -48,7 +48,8 @@ def build_store(
         with _sigterm_interrupts():
             batches = tokenized_batches(iter_documents(spec, bad), encoder, num_proc)
             chars = _write_splits(batches, writer)
-            tokenizer.save_pretrained(writer.partial / "tokenizer")
+            with writer.writing():
+                tokenizer.save_pretrained(writer.partial / "tokenizer")
             disk = writer.close()
             train, held = writer.splits["train"], writer.splits["heldout"]
             wall_s, cpu_s = time.perf_counter() - t0, _tree_cpu_s() - cpu0

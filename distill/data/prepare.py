@@ -12,7 +12,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +26,7 @@ from distill.data.identity import input_identity, store_spec, tokenizer_sha256
 from distill.data.store import STATS, TokenStore, check_replaceable, read_manifest
 from distill.data.tokenizer import train_tokenizer, training_sample
 from distill.errors import RecipeError
+from distill.files import atomic_dir
 from distill.models import load_tokenizer
 
 
@@ -119,10 +119,9 @@ def _ensure_tokenizer(recipe: Recipe, tok_dir: Path, inputs: list | None, log) -
         tokenizer = train_tokenizer(sample, tok.train)
     else:
         tokenizer = load_tokenizer(origin, "tokenizer")  # type: ignore[arg-type]
-    if tok_dir.exists():
-        shutil.rmtree(tok_dir)
-    tokenizer.save_pretrained(tok_dir)
-    marker.write_text(fingerprint)  # last: a tokenizer dir without it is rebuilt
+    with atomic_dir(tok_dir, f"writing the tokenizer {tok_dir}") as tmp:
+        tokenizer.save_pretrained(tmp)
+        (tmp / marker.name).write_text(fingerprint)
     log(f"tokenizer ready ({len(tokenizer)} tokens, {time.perf_counter() - t0:.1f} s)")
 
 

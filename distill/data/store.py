@@ -15,6 +15,7 @@ place, so an interrupted build never looks complete. It is read with numpy memor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
@@ -26,7 +27,7 @@ import numpy as np
 
 from distill.errors import RecipeError
 from distill.faults import from_env
-from distill.files import fsync_path, sha256_file
+from distill.files import fsync_path, replace_dir, sha256_file, writing
 
 FORMAT = "distill-token-store"
 VERSION = 1
@@ -44,9 +45,9 @@ class _SplitWriter:
     """One split: shards of exactly `shard_tokens` ids (the last one shorter), and the start
     offset of every document, each hashed as it is written (nothing is read back)."""
 
-    def __init__(self, root: Path, split: str, dtype: str, shard_tokens: int, on_shard):
+    def __init__(self, root: Path, split: str, dtype: str, shard_tokens: int, on_shard, guard):
         self.root, self.split, self.dtype, self.shard_tokens = root, split, dtype, shard_tokens
-        self.on_shard = on_shard
+        self.on_shard, self.guard = on_shard, guard
         self.shards: list[dict] = []
         self.tokens = 0
         self.documents = 0
@@ -59,6 +60,10 @@ class _SplitWriter:
 
     def add(self, ids: np.ndarray, lengths: np.ndarray) -> None:
         """Append documents: their ids concatenated, and how many ids each has."""
+        with self.guard():
+            self._add(ids, lengths)
+
+    def _add(self, ids: np.ndarray, lengths: np.ndarray) -> None:
         starts = (self.tokens + np.cumsum(lengths) - lengths).astype(np.int64).tobytes()
         self._offsets.write(starts)
         self._offsets_hash.update(starts)
@@ -89,6 +94,10 @@ class _SplitWriter:
         self.on_shard()
 
     def close(self) -> dict:
+        with self.guard():
+            return self._close()
+
+    def _close(self) -> dict:
         if self._shard is not None:
             self._close_shard()
         self._offsets.flush()
@@ -109,6 +118,11 @@ class StoreWriter:
         self.path = path
         self.partial = path.with_name(path.name + ".partial")
         self.dtype = dtype
+        self._intact = (
+            f"The previous store {path} is unchanged"
+            if read_manifest(path) is not None
+            else f"Nothing was written to {path}"
+        )
         if self.partial.exists():  # an interrupted build: callers hold the store's lock
             shutil.rmtree(self.partial)
         self.partial.mkdir(parents=True)
@@ -116,9 +130,23 @@ class StoreWriter:
         self._faults = from_env()
         self._closed: dict = {}
         self.splits = {
-            split: _SplitWriter(self.partial, split, dtype, shard_tokens, self._shard_done)
+            split: _SplitWriter(
+                self.partial, split, dtype, shard_tokens, self._shard_done, self.writing
+            )
             for split in SPLITS
         }
+
+    def writing(self):
+        """Around each write of the build: a failed one (a full disk) removes the partial store
+        and says the previous one is untouched."""
+        return writing(
+            self.path,
+            f"writing the token store {self.partial}",
+            self._intact,
+            cleanup=self.discard,
+            fix="Free space there (or set `data.store` to a file system with room), then run the "
+            "same command again.",
+        )
 
     def _shard_done(self) -> None:
         self.shards_written += 1
@@ -139,17 +167,19 @@ class StoreWriter:
         """After `close`: write stats and the manifest (last), then rename into place."""
         manifest = {"format": FORMAT, "version": VERSION, "dtype": self.dtype, **meta}
         manifest["splits"] = self._closed
-        _write_json(self.partial / STATS, stats)
-        _write_json(self.partial / MANIFEST, manifest)
-        fsync_path(self.partial)
-        replace_dir(self.partial, self.path)
+        with self.writing():
+            _write_json(self.partial / STATS, stats)
+            _write_json(self.partial / MANIFEST, manifest)
+            fsync_path(self.partial)
+            replace_dir(self.partial, self.path)
         return manifest
 
     def discard(self) -> None:
         for writer in self.splits.values():
             for f in (writer._shard, writer._offsets):
                 if f is not None and not f.closed:
-                    f.close()
+                    with contextlib.suppress(OSError):  # its buffer cannot reach a full disk
+                        f.close()
         shutil.rmtree(self.partial, ignore_errors=True)
 
 
@@ -170,19 +200,6 @@ def check_replaceable(path: Path) -> None:
             f"data.store: {str(path)!r} exists and is not a token store (it holds "
             f"{', '.join(sorted(others)[:5])}); give a new or empty directory"
         )
-
-
-def replace_dir(new: Path, path: Path) -> None:
-    """Rename `new` to `path`, replacing what was there; a crash leaves one or the other."""
-    old = path.with_name(path.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if path.exists():
-        path.rename(old)
-    new.rename(path)
-    fsync_path(path.parent)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def read_manifest(path: Path) -> dict | None:

@@ -17,6 +17,7 @@ import torch
 from distill.config import CacheSpec, TeacherRef, TrainSpec
 from distill.errors import RecipeError
 from distill.faults import from_env
+from distill.files import atomic_write
 from distill.models import count_params, num_layers
 from distill.objective.module import teacher_forward
 from distill.run.assemble import frozen_teacher
@@ -140,7 +141,7 @@ def _start_or_resume(ctx: RunContext, root: Path, identity: dict) -> None:
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
-    marker.write_text(json.dumps(identity, indent=1))
+    atomic_write(marker, json.dumps(identity, indent=1))
 
 
 def _cached_blocks(ctx: RunContext, requested: int | None) -> np.ndarray:

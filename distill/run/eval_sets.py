@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import os
 import sysconfig
 
 import torch
@@ -13,6 +12,7 @@ from distill.config import DataSpec, EvalSpec, HubEvalSet
 from distill.data.blocks import pack_documents
 from distill.data.documents import load_documents
 from distill.errors import RecipeError
+from distill.files import atomic_file
 from distill.run.context import RunContext
 
 HELDOUT = "heldout"
@@ -46,8 +46,7 @@ def eval_sets(ctx: RunContext, spec: EvalSpec) -> dict[str, torch.Tensor]:
             except RecipeError as err:  # its messages name `data.*`; this is an eval set
                 raise RecipeError(f"eval.sets.{name}: {err}") from None
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(blocks, tmp)
-            os.replace(tmp, path)
+            with atomic_file(path, f"writing the eval set {path}") as tmp:
+                torch.save(blocks, tmp)
         sets[name] = torch.load(path, weights_only=True)[: spec.set_max_blocks]
     return sets

@@ -24,6 +24,7 @@ from distill.compress.export import (
 from distill.compress.gguf_export import gguf_architecture
 from distill.config import QuantSpec
 from distill.errors import RecipeError
+from distill.files import atomic_write
 from distill.models import count_params
 from distill.run.context import RunContext, _earlier_stage, stage_dir
 from distill.run.quant_stages import QUANT_FILE
@@ -127,7 +128,7 @@ def run_export_stage(ctx: RunContext, stage, fingerprint: str) -> StageResult:
             exports.append(_measure(ctx, stage, result))
             ppl = {name: r["perplexity"] for name, r in exports[-1]["runtimes"].items()}
             ctx.log(f"{fmt}: {result.size_bytes / 2**20:.2f} MiB, perplexity {ppl}")
-        (out / RESULT_FILE).write_text(json.dumps(exports, indent=2))
+        atomic_write(out / RESULT_FILE, json.dumps(exports, indent=2))
     ctx.accelerator.wait_for_everyone()
     exports = json.loads((out / RESULT_FILE).read_text())
     first = exports[0]

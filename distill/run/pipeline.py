@@ -16,6 +16,7 @@ import time
 
 from distill.config import TRAINING_KINDS, Recipe
 from distill.errors import RecipeError
+from distill.files import atomic_write
 from distill.recipe_file import recipe_to_yaml
 from distill.run.cache_source import cache_fingerprint
 from distill.run.cache_stage import run_cache_stage
@@ -58,7 +59,7 @@ def run_recipe(
     check_launch(ctx.accelerator, recipe, lambda stage: keeps_sparsity(recipe, stage))
     if ctx.is_main:
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
-        (ctx.out_dir / "recipe.yaml").write_text(_recipe_yaml(recipe))
+        atomic_write(ctx.out_dir / "recipe.yaml", _recipe_yaml(recipe))
     prepare_tokenizer_and_data(ctx)
     names = [stage.name for stage in recipe.stages]
     if until is not None and until not in names:
@@ -152,9 +153,8 @@ def run_stage(ctx: RunContext, stage) -> StageResult:
         result.compare_to = stage.compare_to
     if ctx.is_main:
         done = stage_dir(ctx, stage.name) / STAGE_DONE
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fingerprint": fp, "entry": result.to_json()}, indent=2))
-        tmp.replace(done)
+        record = json.dumps({"fingerprint": fp, "entry": result.to_json()}, indent=2)
+        atomic_write(done, record, f"recording that stage {stage.name!r} is done ({done})")
         ctx.log(
             f"stage {stage.name!r} done in {result.wall_s:.1f} s: held-out perplexity "
             f"{result.perplexity:.2f}"

@@ -7,14 +7,13 @@ import json
 from pathlib import Path
 
 from distill.config import WandbSpec
+from distill.files import atomic_write
 from distill.run.report_plots import heldout_perplexity, plot_frontier, plot_training_curves
 from distill.tracking import log_report
 
 
 def write_summary(path: Path, entries: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"stages": entries}, indent=2))
-    tmp.replace(path)
+    atomic_write(path, json.dumps({"stages": entries}, indent=2), f"writing the summary {path}")
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -131,7 +130,7 @@ def write_report(
     ]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in images]
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write(path, "\n".join(lines) + "\n", f"writing the report {path}")
     if wandb_spec is not None and wandb_spec.mode != "disabled":
         log_report(wandb_spec, recipe_name, header, rows, images)
     return path

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from distill.files import atomic_file
+
 
 def _pyplot():
     import matplotlib
@@ -14,6 +16,14 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt, fig, path: Path) -> None:
+    try:
+        with atomic_file(path, f"writing the plot {path}") as tmp:
+            fig.savefig(tmp, dpi=90, format="png")
+    finally:
+        plt.close(fig)
 
 
 def heldout_perplexity(entry: dict) -> float | None:
@@ -69,8 +79,7 @@ def plot_frontier(out_dir: Path, entries: list[dict]) -> Path | None:
         axes[0][1].set_title("quality vs speed")
     fig.tight_layout()
     path = out_dir / "report.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
@@ -102,6 +111,5 @@ def plot_training_curves(out_dir: Path, entries: list[dict]) -> Path | None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = out_dir / "report_curves.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path

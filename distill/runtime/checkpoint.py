@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from distill.errors import CheckpointError
+from distill.files import check_free_space as check_space
 from distill.files import fsync_path, sha256_file
 
 MANIFEST = "MANIFEST.json"
@@ -92,14 +92,31 @@ def read_state(directory: Path) -> dict:
     return json.loads((directory / STATE).read_text())
 
 
-def check_free_space(root: Path, needed_bytes: int) -> None:
-    free = shutil.disk_usage(root if root.exists() else root.parent).free
-    if needed_bytes and free < needed_bytes * 1.1:
-        raise CheckpointError(
-            f"not enough disk space to save a checkpoint in {root}: {free / 2**30:.2f} GiB free, "
-            f"the last checkpoint took {needed_bytes / 2**30:.2f} GiB. Free space or lower "
-            "`train.keep_last`; the previous checkpoint is intact."
-        )
+SAVE_FIX = (
+    "Free space there, lower `train.keep_last`, or point `output_dir` at another disk, then run "
+    "the same command again"
+)
+
+
+def check_free_space(root: Path, needed_bytes: int, previous: Path | None = None) -> None:
+    """Refuse a save that cannot fit: `needed_bytes` is the last checkpoint's real size, or before
+    the first one `estimate_checkpoint_bytes`."""
+    kept = f"the previous checkpoint ({previous}) is intact" if previous else "no checkpoint yet"
+    check_space(root, needed_bytes, f"a checkpoint ({kept})", SAVE_FIX + ".")
+
+
+def estimate_checkpoint_bytes(module) -> int:
+    """What a checkpoint of `module` trained by AdamW takes before one exists: every parameter
+    at its dtype, plus two fp32 moments per trainable one (LoRA: its adapters only), plus the RNG
+    states and records (a few KiB)."""
+    total, seen = 64 << 10, set()
+    for p in module.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        numel = getattr(p, "ds_numel", None) or p.numel()  # a ZeRO-3 partition: its full size
+        total += numel * p.element_size() + (2 * 4 * numel if p.requires_grad else 0)
+    return total
 
 
 def dir_bytes(path: Path) -> int:

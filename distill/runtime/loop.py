@@ -25,15 +25,18 @@ from distill.config import TrainSpec
 from distill.data.order import BatchOrder
 from distill.errors import CheckpointError, StopRequested, TrainingDiverged
 from distill.faults import Faults, from_env
+from distill.files import writing
 from distill.models import causal_lm_of, is_partitioned
 from distill.objective.module import DistillModule, teacher_forward
 from distill.runtime.checkpoint import (
+    SAVE_FIX,
     STATE,
     check_free_space,
     checkpoint_name,
     clean_stale_tmp,
     commit,
     dir_bytes,
+    estimate_checkpoint_bytes,
     find_latest_valid,
     list_checkpoints,
     read_state,
@@ -154,6 +157,9 @@ def train(job: TrainJob) -> TrainResult:
     ckpt_root = job.stage_dir / "checkpoints"
     state = {"step": 0, "tokens": 0, "bad_steps": 0, "skipped_steps": 0}
     _resume(job, acc, state, ckpt_root)
+    if acc.is_main_process and not list_checkpoints(ckpt_root):
+        # the first save (with `save_every: 0` the only one) must fit: known before any step
+        check_free_space(ckpt_root, estimate_checkpoint_bytes(job.module))
     faults = from_env()
     autocast = autocast_for(spec, acc.device)
     t0, tokens_at_t0 = time.perf_counter(), state["tokens"]
@@ -408,17 +414,32 @@ def _close_progress(progress) -> None:
 
 
 def save_checkpoint(job: TrainJob, acc, state: dict, root: Path, faults: Faults | None) -> Path:
-
+    """Write the step's checkpoint under a temporary name and commit it. A failed write (a full
+    disk, whatever torch, safetensors or DeepSpeed raise for it) removes the partial checkpoint
+    and ends as a DiskWriteError naming the free space and the checkpoint that is intact."""
     step = state["step"]
     tmp = tmp_dir_for(root, step)
     if acc.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        previous = list_checkpoints(root)
-        check_free_space(root, dir_bytes(previous[-1]) if previous else 0)
+        kept = list_checkpoints(root)
+        # the last checkpoint's real size, or before the first one what the model and its
+        # optimizer state will take (also the only save of a `save_every: 0` stage)
+        needed = dir_bytes(kept[-1]) if kept else estimate_checkpoint_bytes(job.module)
+        check_free_space(root, needed, kept[-1] if kept else None)
         clean_stale_tmp(root)
     acc.wait_for_everyone()
+    kept = list_checkpoints(root)
+    previous = f"The previous checkpoint ({kept[-1]}) is intact" if kept else None
     path = root / checkpoint_name(step)
-    try:
+    with writing(
+        root,
+        f"saving the checkpoint of step {step} in {root}",
+        previous or "No checkpoint of this stage was written before",
+        cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True),
+        fix=SAVE_FIX + (" to resume from it." if kept else "."),
+    ):
+        if faults and acc.is_main_process:
+            faults.before_save(step, tmp)
         acc.save_state(str(tmp), safe_serialization=False)
         if faults:
             faults.during_save(step)
@@ -433,14 +454,6 @@ def save_checkpoint(job: TrainJob, acc, state: dict, root: Path, faults: Faults 
             (tmp / STATE).write_text(json.dumps(meta, indent=1))
             path = commit(root, step, job.spec.keep_last)
             job.log(f"saved checkpoint {path}")
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = list_checkpoints(root)
-        raise CheckpointError(
-            f"saving the checkpoint of step {step} in {root} failed: {err}. The previous "
-            f"checkpoint ({previous[-1] if previous else 'none'}) is intact; free disk space or "
-            "fix permissions, then run the same command again to resume from it."
-        ) from err
     acc.wait_for_everyone()
     return path
 

@@ -16,7 +16,6 @@ first shard without one.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from distill.errors import RecipeError
-from distill.files import sha256_file
+from distill.files import atomic_write, sha256_file
 from distill.objective.module import TeacherOutput
 from distill.teacher_cache.encoding import ENCODING, decode_topk, record_dtype
 
@@ -39,12 +38,12 @@ def shard_name(index: int) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(
+        path,
+        data,
+        f"writing the teacher cache file {path}",
+        "The shards finished before it are whole; the `cache-teacher` stage resumes after them",
+    )
 
 
 def write_shard(
