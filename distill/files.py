@@ -21,12 +21,14 @@ LOW_SPACE_BYTES = 4 << 20
 want of room, whatever the library made of it (writes fail a page or a block short of zero)."""
 
 # The libraries do not all report a failed write as an OSError: torch.save's C++ writer raises
-# RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
+# RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534") (after
+# "basic_ios::clear: iostream error"),
 # safetensors SafetensorError("Error while serializing: I/O error: No space left on device (os
 # error 28)"), and others wrap the OSError in their own type. These phrases are those libraries'
 # words for "the bytes did not reach the file".
 _WRITE_FAILURE_TEXTS = (
     "unexpected pos",
+    "iostream error",
     "No space left",
     "Disk quota",
     "Read-only file system",
@@ -122,7 +124,7 @@ def writing(
         _clean(cleanup)
         if not is_write_failure(err, free_at):
             raise
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        reason = (str(err).strip().splitlines() or [""])[0].rstrip(".")
         raise DiskWriteError(
             f"{what} failed: {type(err).__name__}: {reason}. "
             f"{_space_sentence(Path(path), free_at, free_bytes(path), needed)}. {intact}. {fix}"

@@ -80,6 +80,7 @@ class Tracker:
         if self.metrics_path is None:
             return
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        data = memoryview((json.dumps(row) + "\n").encode())
         end = os.fstat(self._fh.fileno()).st_size
         with writing(
             self.metrics_path,
@@ -87,7 +88,6 @@ class Tracker:
             "Its earlier rows are intact, and so are the stage's checkpoints",
             cleanup=lambda: os.ftruncate(self._fh.fileno(), end),  # no half row
         ):
-            data = memoryview((json.dumps(row) + "\n").encode())
             while data:  # a short write is followed by one that says why
                 data = data[self._fh.write(data) :]
         if self._wandb_run is not None:

@@ -232,3 +232,27 @@ def test_first_checkpoint_estimate_is_checked_against_free_space(tmp_path, monke
     with pytest.raises(DiskWriteError, match="KiB free, about .* KiB needed. Nothing was written"):
         check_free_space(tmp_path / "checkpoints", estimate_checkpoint_bytes(model))
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_small_writers_on_a_full_disk_keep_what_was_there(small_fs):
+    """summary.json (atomic) keeps its previous content; metrics.jsonl keeps its earlier rows and
+    gets no half row; neither leaves a temporary file."""
+    if small_fs is None:
+        return
+    from distill.errors import DiskWriteError
+    from distill.faults import fill_disk
+    from distill.run.report import write_summary
+    from distill.tracking import Tracker
+
+    fs = small_fs("1M")
+    write_summary(fs / "summary.json", [{"name": "a"}])
+    tracker = Tracker(fs / "metrics.jsonl")
+    tracker.log({"loss": 1.0}, step=1)
+    before = {p.name: p.read_bytes() for p in fs.iterdir()}
+    fill_disk(fs / "filler")
+    with pytest.raises(DiskWriteError, match="summary.json failed: OSError.*No space left"):
+        write_summary(fs / "summary.json", [{"name": "a" * 10_000}])
+    with pytest.raises(DiskWriteError, match="metrics.jsonl failed.*earlier rows are intact"):
+        tracker.log({"loss": 2.0, "note": "x" * 10_000}, step=2)
+    tracker.close()
+    assert {p.name: p.read_bytes() for p in fs.iterdir() if p.name != "filler"} == before

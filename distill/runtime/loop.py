@@ -23,7 +23,7 @@ from torch import nn
 
 from distill.config import TrainSpec
 from distill.data.order import BatchOrder
-from distill.errors import CheckpointError, StopRequested, TrainingDiverged
+from distill.errors import CheckpointError, DiskWriteError, StopRequested, TrainingDiverged
 from distill.faults import Faults, from_env
 from distill.files import writing
 from distill.models import causal_lm_of, is_partitioned
@@ -157,9 +157,7 @@ def train(job: TrainJob) -> TrainResult:
     ckpt_root = job.stage_dir / "checkpoints"
     state = {"step": 0, "tokens": 0, "bad_steps": 0, "skipped_steps": 0}
     _resume(job, acc, state, ckpt_root)
-    if acc.is_main_process and not list_checkpoints(ckpt_root):
-        # the first save (with `save_every: 0` the only one) must fit: known before any step
-        check_free_space(ckpt_root, estimate_checkpoint_bytes(job.module))
+    _check_space(job, acc, ckpt_root, first_only=True)  # a first save must fit: known up front
     faults = from_env()
     autocast = autocast_for(spec, acc.device)
     t0, tokens_at_t0 = time.perf_counter(), state["tokens"]
@@ -413,6 +411,22 @@ def _close_progress(progress) -> None:
         progress.close()
 
 
+def _check_space(job: TrainJob, acc, root: Path, first_only: bool = False) -> None:
+    """The main process checks that the next checkpoint fits (the last one's real size, or before
+    the first one, also the only save of a `save_every: 0` stage, what the model and its optimizer
+    state will take); every rank stops if not, so none is left waiting for it."""
+    problem = None
+    kept = list_checkpoints(root) if acc.is_main_process else []
+    if acc.is_main_process and not (first_only and kept):
+        needed = dir_bytes(kept[-1]) if kept else estimate_checkpoint_bytes(job.module)
+        try:
+            check_free_space(root, needed, kept[-1] if kept else None)
+        except DiskWriteError as err:
+            problem = err
+    if _any(acc, problem is not None, acc.device):
+        raise problem or DiskWriteError(f"no room for a checkpoint in {root}: see the main process")
+
+
 def save_checkpoint(job: TrainJob, acc, state: dict, root: Path, faults: Faults | None) -> Path:
     """Write the step's checkpoint under a temporary name and commit it. A failed write (a full
     disk, whatever torch, safetensors or DeepSpeed raise for it) removes the partial checkpoint
@@ -421,11 +435,8 @@ def save_checkpoint(job: TrainJob, acc, state: dict, root: Path, faults: Faults 
     tmp = tmp_dir_for(root, step)
     if acc.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        kept = list_checkpoints(root)
-        # the last checkpoint's real size, or before the first one what the model and its
-        # optimizer state will take (also the only save of a `save_every: 0` stage)
-        needed = dir_bytes(kept[-1]) if kept else estimate_checkpoint_bytes(job.module)
-        check_free_space(root, needed, kept[-1] if kept else None)
+    _check_space(job, acc, root)
+    if acc.is_main_process:
         clean_stale_tmp(root)
     acc.wait_for_everyone()
     kept = list_checkpoints(root)
