@@ -73,7 +73,9 @@ def small_fs(request, tmp_path):
             text=True,
         )
         if "1 skipped" in proc.stdout or "unshare:" in proc.stderr:
-            pytest.skip(f"no tmpfs in a user namespace either: {proc.stdout[-300:]}")
+            pytest.skip(
+                f"no tmpfs in a user namespace either: {(proc.stdout + proc.stderr)[-300:]}"
+            )
         assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
         yield None
         return

@@ -161,8 +161,7 @@ def export_model(
     what = f"exporting {model_dir} as {format} to"
     if plan.gguf_kind:
         path = out_dir / f"model-{plan.gguf_kind.upper()}.gguf"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path, f"{what} {path}") as tmp:
+        with atomic_file(path, f"{what} {path}") as tmp:  # export_gguf makes out_dir after checks
             export_gguf(model, tokenizer_dir, tmp, plan.gguf_kind, plan.embeddings, model_dir)
         result.path, result.size_bytes = str(path), path.stat().st_size
         if plan.grid is not None:
