@@ -73,6 +73,11 @@ class DiskWriteError(DistillError):
     path, the free space there and what is still intact (see `distill.files.writing`)."""
 
 
+class DamagedOutput(DistillError):
+    """A file distill wrote earlier (a stage's output, the token store) no longer matches what was
+    recorded when it was written; the message names the file and how to rebuild it."""
+
+
 class TrainingDiverged(DistillError):
     """Too many consecutive non-finite steps."""
 
