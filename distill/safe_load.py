@@ -47,6 +47,21 @@ def allowed_globals() -> list:
 
 
 @contextmanager
+def _allowing() -> Iterator[None]:
+    """`allowed_globals` added to torch's safe list, and the list as it was restored afterwards:
+    nests, unlike torch.serialization.safe_globals, whose exit removes entries an outer one needs."""
+    import torch
+
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals(allowed_globals())
+    try:
+        yield
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+
+
+@contextmanager
 def weights_only(where: Path, fix: str) -> Iterator[None]:
     """Inside, every torch.load in this process is weights-only with `allowed_globals`, also where
     a library asks for full unpickling (DeepSpeed's checkpoint engine, its ZeRO-3 and universal
@@ -56,12 +71,10 @@ def weights_only(where: Path, fix: str) -> Iterator[None]:
 
     A refused file becomes an UnsafeFileError naming it (searched under `where` when the library's
     error does not say which file it was) and ending with `fix`, what the user can do."""
-    import torch
-
     saved = {key: os.environ.pop(key, None) for key in (FORCE, UNFORCE)}
     os.environ[FORCE] = "1"
     try:
-        with torch.serialization.safe_globals(allowed_globals()):
+        with _allowing():
             yield
     except pickle.UnpicklingError as err:
         found = find_refused(where)
@@ -97,7 +110,7 @@ def find_refused(where: Path) -> tuple[Path, pickle.UnpicklingError] | None:
         if not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
             continue  # JSON, scripts, safetensors: nothing torch.load would read
         try:
-            with torch.serialization.safe_globals(allowed_globals()):
+            with _allowing():
                 torch.load(path, map_location="cpu", weights_only=True, mmap=head == ZIP_MAGIC)
         except pickle.UnpicklingError as err:
             return path, err

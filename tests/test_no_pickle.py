@@ -114,10 +114,12 @@ def test_a_payload_in_zero_optimizer_states_is_refused(deepspeed_run, tmp_path):
     (tested through a launch above); here the engine's load itself, without a second launch."""
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
-    from distill.safe_load import weights_only
+    from distill.safe_load import load_tensors, weights_only
 
     clean = deepspeed_run / CHECKPOINT / "pytorch_model/zero_pp_rank_0_mp_rank_00_optim_states.pt"
-    with weights_only(clean, "FIX"):  # the classes DeepSpeed's own states hold are allowed
+    with weights_only(clean, "FIX"):  # nested as in a resume, which reads the RNG state first
+        load_tensors(deepspeed_run / CHECKPOINT / "random_states_0.pkl", "FIX")
+        # still allowed after the nested load: the classes DeepSpeed's own states hold
         content = TorchCheckpointEngine().load(str(clean), map_location="cpu")
     file, marker = tmp_path / clean.name, tmp_path / "ran"
     torch.save({**content, "payload": Payload(marker)}, file)
