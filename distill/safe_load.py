@@ -119,9 +119,9 @@ def find_refused(where: Path) -> tuple[Path, pickle.UnpicklingError] | None:
     return None
 
 
-def refusal(path: Path, err: Exception, fix: str) -> UnsafeFileError:
+def refusal(path: Path, err: Exception, fix: str, what: str = "") -> UnsafeFileError:
     asked = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
-    what = f"it asks for `{asked.group(1)}`" if asked else "objects other than tensors"
+    what = what or (f"it asks for `{asked.group(1)}`" if asked else "or it is damaged")
     return UnsafeFileError(
         f"{path} holds more than tensors and numbers ({what}); unpickling it could run any code, "
         f"so distill refuses to load it. {fix}"
@@ -136,5 +136,5 @@ def load_array(path: Path, fix: str):
         return np.load(path, allow_pickle=False)
     except ValueError as err:
         if "allow_pickle" in str(err):  # numpy's own refusal of an object array
-            raise refusal(path, err, fix) from None
+            raise refusal(path, err, fix, "an array of Python objects") from None
         raise
