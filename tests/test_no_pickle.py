@@ -104,8 +104,8 @@ def test_a_payload_in_a_deepspeed_checkpoint_is_refused(recipe, deepspeed_run, t
     file, marker = out / CHECKPOINT / "pytorch_model/mp_rank_00_model_states.pt", tmp_path / "ran"
     plant(file, marker)
     proc = launch_zero2(recipe, out)
-    assert "exitcode: 2" in proc.stderr, proc.stderr[-3000:]  # the launcher itself exits 1
     assert_refused(proc.stderr, file, marker)
+    assert "exitcode: 2" in proc.stderr, proc.stderr[-3000:]  # the launcher itself exits 1
 
 
 @pytest.mark.distributed
