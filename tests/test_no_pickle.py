@@ -172,3 +172,17 @@ def test_a_payload_in_the_teacher_cache_is_refused(tmp_path):
         open_cache(root, identity, "test")
     assert refused.value.exit_code == EXIT_BAD_INPUT
     assert_refused(str(refused.value), root / BLOCKS, marker)
+
+
+def test_a_payload_in_an_eval_set_is_refused(tmp_path):
+    """Eval sets (`eval/<name>-<fingerprint>.pt`, a tensor of token ids) load through
+    load_tensors, the helper the resume's RNG check uses too."""
+    from distill.safe_load import load_tensors
+
+    file, marker = tmp_path / "code-0123.pt", tmp_path / "ran"
+    torch.save(torch.arange(6).view(2, 3), file)
+    assert load_tensors(file, "FIX").tolist() == [[0, 1, 2], [3, 4, 5]]
+    torch.save({"blocks": torch.arange(6), "payload": Payload(marker)}, file)
+    with pytest.raises(UnsafeFileError) as refused:
+        load_tensors(file, "FIX")
+    assert_refused(str(refused.value), file, marker)
