@@ -78,6 +78,11 @@ class DamagedOutput(DistillError):
     recorded when it was written; the message names the file and how to rebuild it."""
 
 
+class UnsafeFileError(DistillError):
+    """A file to load (checkpoint, model weights, cache) holds pickled objects other than tensors:
+    refused, since unpickling them could run any code."""
+
+
 class TrainingDiverged(DistillError):
     """Too many consecutive non-finite steps."""
 

@@ -13,9 +13,10 @@ from torch import nn
 
 from distill.compress.ct_export import unpack_on_load
 from distill.config import ModelSpec
-from distill.errors import RecipeError
+from distill.errors import DistillError, RecipeError
 from distill.files import atomic_dir, check_free_space
 from distill.recipe_file import looks_local
+from distill.safe_load import weights_only
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,13 +77,25 @@ def load_pretrained(
             f"{what}: {path!r} has no config.json, so it is not a saved transformers model; "
             "point at the directory written by save_pretrained"
         )
-    kwargs = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
+    kwargs = {
+        "dtype": resolve_dtype(dtype),
+        "trust_remote_code": trust_remote_code,
+        "weights_only": True,  # transformers' default today, for `.bin` weights; kept explicit
+    }
     if revision:
         kwargs["revision"] = revision
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    fix = (
+        "Weights saved by save_pretrained hold only tensors. If you trust this model, load it in "
+        "a Python session of your own and save it again with save_pretrained (safetensors), then "
+        "point distill at the copy."
+    )
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with weights_only(Path(path), fix):
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except DistillError:
+        raise
     except Exception as err:  # noqa: BLE001 - safetensors, OSError, ValueError...: same fix
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RecipeError(

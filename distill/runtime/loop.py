@@ -46,6 +46,7 @@ from distill.runtime.checkpoint import (
 from distill.runtime.distributed import register_head
 from distill.runtime.evaluate import heldout_metrics
 from distill.runtime.signals import SignalWatch
+from distill.safe_load import load_tensors, weights_only
 from distill.teacher_cache.store import CachedTeacher
 from distill.tracking import Tracker
 
@@ -499,7 +500,17 @@ def _resume(job: TrainJob, acc, state: dict, root: Path) -> Path | None:
             "exactly, or start the stage anew with `train.resume=never` (optionally initialising "
             "from its exported model)."
         )
-    acc.load_state(str(path))
+    fix = (
+        "distill's checkpoints hold only tensors and numbers, so this one was altered or written "
+        "by something else: delete it (distill then resumes from the one before, if any) or start "
+        "the stage anew with `train.resume=never`. If you trust the file, convert it yourself "
+        "(load it with torch.load(..., weights_only=False), save only its tensors)."
+    )
+    with weights_only(path, fix):
+        rng = path / f"random_states_{acc.process_index}.pkl"
+        if rng.is_file():  # accelerate skips an RNG state it cannot read and resumes inexactly
+            load_tensors(rng, fix)
+        acc.load_state(str(path))
     for key in ("step", "tokens", "bad_steps", "skipped_steps"):
         state[key] = meta.get(key, 0)
     job.log(f"resumed from {path} at step {state['step']}")

@@ -25,6 +25,7 @@ import torch
 from distill.errors import RecipeError
 from distill.files import atomic_write, sha256_file
 from distill.objective.module import TeacherOutput
+from distill.safe_load import load_array
 from distill.teacher_cache.encoding import ENCODING, decode_topk, record_dtype
 
 MANIFEST = "MANIFEST.json"
@@ -212,7 +213,26 @@ def open_cache(root: Path, expected: dict, what: str, verify: bool = True) -> Ca
             shape = (rows, layers, manifest["seq_len"], manifest["hidden_size"])
             path = root / f"{shard_name(shard['index'])}.hidden"
             hidden.append(np.memmap(path, dtype=np.uint16, mode="r", shape=shape))
-    blocks = np.load(root / BLOCKS)
+    blocks = _read_blocks(root, manifest["num_train_blocks"])
     row_of_block = np.full(manifest["num_train_blocks"], -1, dtype=np.int64)
     row_of_block[blocks] = np.arange(len(blocks))
     return CachedTeacher(root, manifest, topk, hidden, row_of_block)
+
+
+def _read_blocks(root: Path, num_train_blocks: int) -> np.ndarray:
+    """The row -> training-block index: plain integers in range, never an unpickled object."""
+    path, fix = root / BLOCKS, "Delete the cache directory and run its cache stage again."
+    try:
+        blocks = load_array(path, fix)
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"teacher cache index {path} is unreadable ({err}). {fix}") from None
+    if (
+        blocks.ndim != 1
+        or blocks.dtype.kind not in "iu"
+        or not (blocks.size == 0 or 0 <= blocks.min() <= blocks.max() < num_train_blocks)
+    ):
+        raise RecipeError(
+            f"teacher cache index {path} is not a list of training-block numbers below "
+            f"{num_train_blocks} ({blocks.dtype}, shape {blocks.shape}). {fix}"
+        )
+    return blocks
