@@ -364,7 +364,15 @@ def cmd_report(args) -> int:
         from distill.errors import RecipeError
 
         raise RecipeError(f"{summary} does not exist; give the output dir of a `distill run`")
-    entries = json.loads(summary.read_text())["stages"]
+    try:
+        entries = json.loads(summary.read_bytes())["stages"]
+    except (ValueError, KeyError, TypeError) as err:
+        from distill.errors import RecipeError
+
+        raise RecipeError(
+            f"{summary} is not a run summary ({type(err).__name__}: {err}); it was cut short or "
+            "edited: run the recipe again (finished stages are skipped) to rewrite it"
+        ) from None
     print(write_report(out, out.name, entries))
     return 0
 
