@@ -1,8 +1,10 @@
 """The typed recipe: YAML in, validated dataclass-like models out.
 
-Every setting has one declared home here, with its default and a one-line doc. Loading fails before
-any model is built, with one message that names the key, the value, what is allowed and, for a
-misspelt key, the closest valid key.
+Every setting has one declared home, with its default and a one-line doc: here, or for the models
+and tokenizer in distill.model_specs, the eval sets and gates in distill.eval_specs, the objective,
+pruning and quantization in distill.specs. Loading fails before any model is built, with one
+message that names the key, the value, what is allowed and, for a misspelt key, the closest valid
+key.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from distill.eval_specs import GateSpec, HubEvalSet, LmEvalSpec, MetricBound  # noqa: F401
 from distill.model_specs import ModelSpec, TokenizerSpec, TokenizerTrainSpec  # noqa: F401
 from distill.output_names import check_stage_name
 from distill.specs import (
@@ -27,7 +30,7 @@ from distill.specs import (
     Seed,
     UnitFloat,
 )
-from distill.targets import EXPORT_FORMATS
+from distill.targets import CT_GROUP_SIZES, EXPORT_FORMATS
 
 TRAINING_KINDS = ("train", "distill", "qat")
 
@@ -198,64 +201,6 @@ def _trains_on_something(objective: ObjectiveSpec) -> ObjectiveSpec:
     return objective
 
 
-class HubEvalSet(Section):
-    """A hub dataset as an eval set (a plain string in `eval.sets` is its `hub` id)."""
-
-    hub: str
-    config: str | None = None
-    split: str = "test"
-    text_field: str = "text"
-
-
-class LmEvalSpec(Section):
-    """lm-eval harness tasks, run through its Python API on each stage's model."""
-
-    tasks: list[str] = Field(min_length=1)
-    """Task names: local YAMLs under `include_path` (and distill's own, e.g. `stdlib_docstrings`),
-    or hub tasks when the machine is online."""
-    include_path: list[str] = []
-    """Extra folders of task YAMLs (distill's own task folder is always searched)."""
-    num_fewshot: int | None = Field(None, ge=0)
-    limit: float | None = Field(None, gt=0)
-    """Documents per task (a count, or a fraction when below 1)."""
-    batch_size: int = Field(16, gt=0, le=BATCH_MAX)
-
-
-class MetricBound(Section):
-    min: float | None = None
-    max: float | None = None
-
-    @model_validator(mode="after")
-    def _ordered(self) -> MetricBound:
-        if self.min is not None and self.max is not None and self.min > self.max:
-            raise ValueError(f"min={self.min} is above max={self.max}: no score can pass")
-        return self
-
-
-class GateSpec(Section):
-    """A condition a stage must meet; a run whose gate fails exits with code 3."""
-
-    stage: str
-    against: str | None = None
-    """The stage `max_perplexity_increase` compares with."""
-    set: str = "heldout"
-    """The eval set whose perplexity is compared."""
-    max_perplexity_increase: float | None = Field(None, ge=0)
-    """Allowed relative increase over `against` (0.02 = 2 %)."""
-    min_teacher_agreement: float | None = Field(None, ge=0, le=1)
-    """Top-1 agreement with the teacher, at least."""
-    lm_eval: dict[str, MetricBound] = {}
-    """`<task>/<metric>: {min: x, max: y}` bounds on lm-eval scores."""
-
-    @model_validator(mode="after")
-    def _against_given(self) -> GateSpec:
-        if self.max_perplexity_increase is not None and self.against is None:
-            raise ValueError(
-                "`max_perplexity_increase` needs `against` (the stage to compare with)"
-            )
-        return self
-
-
 class EvalSpec(Section):
     batch_size: int = Field(16, gt=0, le=BATCH_MAX)
     latency: bool = False
@@ -396,6 +341,16 @@ class ExportStage(StageBase):
             raise ValueError(f"unknown formats {bad}; supported: {', '.join(EXPORT_FORMATS)}")
         return v
 
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int | str | None) -> int | str | None:
+        if v not in (None, "auto", *CT_GROUP_SIZES):
+            raise ValueError(
+                f"group_size must be auto, null (per output channel) or one of the served sizes "
+                f"{', '.join(map(str, CT_GROUP_SIZES))}"
+            )
+        return v
+
 
 class EvaluateStage(StageBase):
     """Evaluate an earlier stage's output (or a model of `models`) with this stage's `eval`;
@@ -477,6 +432,19 @@ class Recipe(Section):
         if not value:
             raise ValueError("a recipe needs at least one stage (see recipes/quickstart.yaml)")
         return value
+
+    @model_validator(mode="after")
+    def _buckets_fit(self) -> Recipe:
+        evals = [("eval", self.eval)] + [
+            (f"stages.{i}.eval", s.eval) for i, s in enumerate(self.stages)
+        ]
+        for where, spec in evals:
+            if spec is not None and spec.position_buckets >= self.data.seq_len:
+                raise ValueError(
+                    f"{where}.position_buckets={spec.position_buckets} must be below data.seq_len="
+                    f"{self.data.seq_len}: each bucket is a span of the block's predicted positions"
+                )
+        return self
 
     @field_validator("train")
     @classmethod

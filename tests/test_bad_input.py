@@ -316,6 +316,15 @@ RECIPE_CASES = {
     "batch-size-bool": (["train.batch_size=true"], ["batch_size", "takes a number"]),
     "latency-tokens-huge": (["eval.latency_tokens=99999999999999999999"], ["latency_tokens"]),
     "lm-eval-limit-inf": (["eval.lm_eval.limit=.inf"], ["eval.lm_eval.limit", "finite"]),
+    "position-buckets-above-seq-len": (
+        ["eval.position_buckets=128"],
+        ["eval.position_buckets=128 must be below data.seq_len=128"],
+    ),
+    "export-group-size-not-served": (
+        ["stages.ship-ptq.group_size=7"],
+        ["group_size", "32, 64, 128"],
+        RECIPES / "quickstart-ship.yaml",
+    ),
     "gate-min-above-max": (
         ["eval.gates=[{stage: teacher, lm_eval: {t/acc: {min: 2, max: 1}}}]"],
         ["eval.gates.0.lm_eval", "no score can pass"],
@@ -358,8 +367,8 @@ RECIPE_CASES = {
 @pytest.mark.timeout(60)  # the alias bomb in an override hung as the one in a file does
 @pytest.mark.parametrize("case", list(RECIPE_CASES))
 def test_malformed_recipe_value_is_a_clear_error(capsys, case):
-    overrides, expected = RECIPE_CASES[case]
-    err = bad_exit(capsys, "check", QUICKSTART, *overrides)
+    overrides, expected, *recipe = RECIPE_CASES[case]
+    err = bad_exit(capsys, "check", *(recipe or [QUICKSTART]), *overrides)
     for part in expected:
         assert part in err, err
 
@@ -422,6 +431,20 @@ def test_reserved_stage_names_are_refused(capsys, name):
     )
     assert f"stages.1.name: stage name {name!r}" in err, err
     assert "tokenizer, data, eval, recipe.yaml, summary.json" in err, err
+
+
+def test_zero_steps_is_refused(tmp_path, capsys):
+    """`--max-steps 0` marked every stage finished with an untrained model."""
+    from distill.cli import main
+
+    from conftest import tiny_recipe
+
+    path = tiny_recipe(tmp_path / "r.yaml")
+    with pytest.raises(SystemExit) as stop:
+        main(["run", str(path), "--max-steps", "0"])
+    assert stop.value.code == 2
+    assert "--max-steps: must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_malformed_recipe_through_the_real_cli():
