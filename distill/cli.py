@@ -375,9 +375,13 @@ def cmd_report(args) -> int:
         from distill.errors import RecipeError
 
         raise RecipeError(f"{summary} does not exist; give the output dir of a `distill run`")
+    from distill.run.results import StageResult
+
     try:
         entries = json.loads(summary.read_bytes())["stages"]
-    except (ValueError, KeyError, TypeError) as err:
+        for entry in entries:  # what the report reads of each stage
+            StageResult.from_json(entry)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         from distill.errors import RecipeError
 
         raise RecipeError(

@@ -627,3 +627,18 @@ def test_damaged_stage_record_names_the_file_and_the_fix(tmp_path, capsys, finis
     record.write_bytes(damage(record.read_bytes()))
     err = bad_exit(capsys, "run", recipe_path, f"output_dir={copy}")
     assert str(record) in err and "Delete it to run the stage again" in err, err
+
+
+@pytest.mark.parametrize(
+    "damage", [lambda raw: raw[: len(raw) // 2], lambda raw: b'{"stages": [1]}']
+)
+def test_damaged_summary_names_the_file(tmp_path, capsys, finished_run, damage):
+    from distill.cli import main
+
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run[1], copy)
+    assert main(["report", str(copy)]) == 0  # the summary a run writes is read back
+    summary = copy / "summary.json"
+    summary.write_bytes(damage(summary.read_bytes()))
+    err = bad_exit(capsys, "report", copy)
+    assert f"{summary} is not a run summary" in err, err
