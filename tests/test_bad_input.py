@@ -630,7 +630,9 @@ def test_damaged_stage_record_names_the_file_and_the_fix(tmp_path, capsys, finis
 
 
 @pytest.mark.parametrize(
-    "damage", [lambda raw: raw[: len(raw) // 2], lambda raw: b'{"stages": [1]}']
+    "damage",
+    [lambda raw: raw[: len(raw) // 2], lambda raw: b'{"stages": [1]}'],
+    ids=["truncated", "entries-not-mappings"],
 )
 def test_damaged_summary_names_the_file(tmp_path, capsys, finished_run, damage):
     from distill.cli import main
