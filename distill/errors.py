@@ -68,6 +68,11 @@ class CheckpointError(DistillError):
     """A checkpoint cannot be written or used; the message says what to do."""
 
 
+class DamagedOutput(DistillError):
+    """A file distill wrote earlier (a stage's output, the token store) no longer matches what was
+    recorded when it was written; the message names the file and how to rebuild it."""
+
+
 class TrainingDiverged(DistillError):
     """Too many consecutive non-finite steps."""
 

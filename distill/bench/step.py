@@ -22,8 +22,13 @@ from distill.models import (
 from distill.objective.module import teacher_forward
 from distill.run.assemble import TrainingRun, assemble_training_run, frozen_teacher
 from distill.run.cache_stage import teacher_outputs
-from distill.run.context import RunContext, read_stage_record, ref_config, root_model_key
-from distill.run.results import StageResult
+from distill.run.context import (
+    RunContext,
+    read_stage_record,
+    ref_config,
+    result_of_record,
+    root_model_key,
+)
 from distill.runtime.loop import autocast_for, lr_at, param_groups, train_step
 from distill.teacher_cache.store import CachedTeacher, cache_in_memory
 
@@ -87,7 +92,7 @@ def bench_context(recipe: Recipe, stage, notes: list[str]) -> RunContext:
     for earlier in recipe.stages[: recipe.stages.index(stage)]:
         record = read_stage_record(ctx, earlier.name)
         if record is not None:
-            ctx.results.append(StageResult.from_json(record["entry"]))
+            ctx.results.append(result_of_record(ctx, earlier.name, record))
     finished = {result.name for result in ctx.results}
     for ref in (
         {stage.model, stage.teacher_model, _cache_teacher(recipe, stage)} - {None} - finished

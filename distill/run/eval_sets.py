@@ -12,6 +12,7 @@ import torch
 from distill.config import DataSpec, EvalSpec, HubEvalSet
 from distill.data.blocks import pack_documents
 from distill.data.documents import load_documents
+from distill.data.identity import input_identity
 from distill.errors import RecipeError
 from distill.run.context import RunContext
 
@@ -30,14 +31,19 @@ def _data_spec(source: list[str] | HubEvalSet) -> DataSpec:
     return DataSpec(files=[pattern.replace("${stdlib}", stdlib) for pattern in source])
 
 
+def set_identity(source: list[str] | HubEvalSet) -> list:
+    """What an eval set is: its settings and each of its files' identity (an edited file is
+    tokenized again, and the stages measured on it run again)."""
+    data = _data_spec(source)
+    return [data.model_dump(mode="json"), input_identity(data)]
+
+
 def eval_sets(ctx: RunContext, spec: EvalSpec) -> dict[str, torch.Tensor]:
     """Name -> [blocks, seq_len] token ids, `heldout` first."""
     sets = {HELDOUT: ctx.data.eval}
     seq_len = ctx.data.eval.shape[1]
     for name, source in spec.sets.items():
-        fp = ctx.recipe.fingerprint(
-            ctx.data_fingerprint, name, _data_spec(source).model_dump(mode="json"), seq_len
-        )
+        fp = ctx.recipe.fingerprint(ctx.data_fingerprint, name, set_identity(source), seq_len)
         path = ctx.out_dir / "eval" / f"{name}-{fp}.pt"
         if not path.is_file():
             try:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from distill.config import EvalSpec
 from distill.models import count_params, dir_size_bytes
 from distill.run.artifacts import load_artifact
-from distill.run.context import RunContext, load_ref
+from distill.run.context import RunContext, earlier_stage, load_ref
 from distill.run.eval_sets import HELDOUT, eval_sets
 from distill.run.results import StageResult
 from distill.run.stage_output import _eval_spec, _float_scheme
@@ -105,7 +105,7 @@ def stage_metrics(ctx: RunContext, stage, result: StageResult) -> dict:
 def run_evaluate_stage(ctx: RunContext, stage, fingerprint: str) -> StageResult:
     """The `evaluate` kind: an earlier stage's output (its model dir, as served) or a model of
     `models`, measured with this stage's `eval`."""
-    earlier = next((r for r in ctx.results if r.name == stage.model), None)
+    earlier = earlier_stage(ctx, stage.model)
     spec = ctx.recipe.models.get(stage.model)
     model_dir = earlier.model_dir if earlier is not None else (spec.path if spec else None)
     out = _main_then_broadcast(ctx, lambda: _evaluate_dir(ctx, stage, model_dir, stage.model))

@@ -25,7 +25,7 @@ from distill.compress.gguf_export import gguf_architecture
 from distill.config import QuantSpec
 from distill.errors import RecipeError
 from distill.models import count_params
-from distill.run.context import RunContext, _earlier_stage, stage_dir
+from distill.run.context import RunContext, earlier_stage, stage_dir
 from distill.run.quant_stages import QUANT_FILE
 from distill.run.results import StageResult
 from distill.run.stage_output import _eval_spec, _heldout, _latency
@@ -49,7 +49,7 @@ def _group_size(stage, source_dir: Path) -> int | None:
 
 def _check_before_work(ctx: RunContext, stage) -> tuple[Path, int | None]:
     """Every format, option and the architecture checked before the first file is written."""
-    entry = _earlier_stage(ctx, stage.model)
+    entry = earlier_stage(ctx, stage.model)
     if entry is None:
         raise RecipeError(
             f"stage {stage.name!r}: `export` writes an earlier stage's model; {stage.model!r} "

@@ -16,6 +16,7 @@ import time
 
 from distill.config import TRAINING_KINDS, Recipe
 from distill.errors import RecipeError
+from distill.manifest import path_identity
 from distill.recipe_file import recipe_to_yaml
 from distill.run.cache_source import cache_fingerprint
 from distill.run.cache_stage import run_cache_stage
@@ -24,8 +25,12 @@ from distill.run.context import (
     RunContext,
     read_stage_record,
     ref_fingerprint,
+    result_of_record,
     stage_dir,
+    stage_record,
+    summary_entry,
 )
+from distill.run.eval_sets import set_identity
 from distill.run.evaluate_stage import run_evaluate_stage, stage_metrics
 from distill.run.export_stage import run_export_stage
 from distill.run.gates import check_gates
@@ -34,6 +39,7 @@ from distill.run.prune_stage import keeps_sparsity, run_prune_stage
 from distill.run.quant_stages import run_ptq_stage
 from distill.run.report import write_report, write_summary
 from distill.run.results import StageResult
+from distill.run.stage_output import _eval_spec
 from distill.run.train_stage import run_training_stage
 from distill.runtime import distributed
 from distill.runtime.distributed import check_launch, check_same_recipe
@@ -67,9 +73,11 @@ def run_recipe(
     for stage in stages:
         ctx.results.append(run_stage(ctx, stage))
         if ctx.is_main:
-            write_summary(ctx.out_dir / "summary.json", [r.to_json() for r in ctx.results])
+            write_summary(
+                ctx.out_dir / "summary.json", [summary_entry(ctx, r) for r in ctx.results]
+            )
     if ctx.is_main:
-        entries = [r.to_json() for r in ctx.results]
+        entries = [summary_entry(ctx, r) for r in ctx.results]
         report = write_report(ctx.out_dir, recipe.name, entries, recipe.tracking.wandb)
         ctx.log(f"report: {report}")
     ctx.accelerator.wait_for_everyone()
@@ -99,8 +107,9 @@ def stage_fingerprint(ctx: RunContext, stage) -> str:
     if teacher is not None and teacher.model is not None:
         upstream.append(ref_fingerprint(ctx, teacher.model))
     eval_teacher = ctx.recipe.eval.teacher
-    if eval_teacher in ctx.fingerprints:  # agreement is measured against that stage's output
-        upstream.append(ctx.fingerprints[eval_teacher])
+    if eval_teacher in ctx.fingerprints or eval_teacher in ctx.recipe.models:
+        upstream.append(ref_fingerprint(ctx, eval_teacher))  # agreement is measured against it
+    ev = _eval_spec(ctx, stage)
     if stage.teacher_cache is not None:  # what the cache holds, not only its name
         upstream.append(cache_fingerprint(ctx, stage.teacher_cache))
     return ctx.recipe.fingerprint(
@@ -110,6 +119,9 @@ def stage_fingerprint(ctx: RunContext, stage) -> str:
         ctx.recipe.seed,
         # gates judge results and change none: editing one must not rerun a stage
         ctx.recipe.eval.model_dump(exclude={"gates"}),
+        # what the eval sets and local lm-eval tasks read, not only their names
+        [set_identity(source) for source in ev.sets.values()],
+        [path_identity(path) for path in ev.lm_eval.include_path] if ev.lm_eval else None,
     )
 
 
@@ -120,7 +132,7 @@ def run_stage(ctx: RunContext, stage) -> StageResult:
     if record is not None:
         if record.get("fingerprint") == fp:
             ctx.log(f"stage {stage.name!r} already finished with these settings; skipping")
-            return StageResult.from_json(record["entry"])
+            return result_of_record(ctx, stage.name, record)
         previous = stage_dir(ctx, stage.name).with_name(
             f"{stage.name}.previous-{record.get('fingerprint')}"
         )
@@ -153,7 +165,7 @@ def run_stage(ctx: RunContext, stage) -> StageResult:
     if ctx.is_main:
         done = stage_dir(ctx, stage.name) / STAGE_DONE
         tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fingerprint": fp, "entry": result.to_json()}, indent=2))
+        tmp.write_text(json.dumps(stage_record(ctx, fp, result), indent=2))
         tmp.replace(done)
         ctx.log(
             f"stage {stage.name!r} done in {result.wall_s:.1f} s: held-out perplexity "

@@ -13,7 +13,13 @@ from distill.errors import RecipeError, SettingError
 from distill.models import num_layers
 from distill.objective.hidden import resolve_layer_map
 from distill.recipe_file import looks_local
-from distill.run.context import RunContext, check_model_against_tokenizer, load_ref, model_dir
+from distill.run.context import (
+    RunContext,
+    check_model_against_tokenizer,
+    earlier_stage,
+    load_ref,
+    model_dir,
+)
 from distill.run.report import recovered_fraction
 from distill.run.results import StageResult
 from distill.run.stage_output import _entry, _export, _heldout, _latency
@@ -92,7 +98,7 @@ def _recovery_extra(ctx: RunContext, stage, perplexity: float) -> dict:
     """For a `distill` stage whose student is a prune stage's output (pruning recovery): the prune
     stage to compare with, and the share of the perplexity it lost that training won back."""
 
-    pruned = next((r for r in ctx.results if r.name == stage.model), None)
+    pruned = earlier_stage(ctx, stage.model)
     if pruned is None or pruned.kind != "prune":
         return {}
     return {
@@ -138,7 +144,7 @@ def _layers_kept_by_depth_prune(ctx: RunContext, ref: str, teacher_layers: int) 
 def _prune_record(ctx: RunContext, ref: str) -> dict | None:
     """The prune record saved in the model dir of `ref` (an earlier stage, or a local path of
     `models`), or None when that model was not made by pruning."""
-    entry = next((r for r in ctx.results if r.name == ref), None)
+    entry = earlier_stage(ctx, ref)
     if entry is None:
         return _models_prune_record(ctx.recipe, ref)
     return _read_record(Path(entry.model_dir))
