@@ -21,6 +21,15 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", help="write here instead of the recipe's output_dir")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (`--max-steps 0` would mark stages finished that never
+    trained)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _default(key: str):
     """A `distill prune` flag's default: the PruneSpec field's (one declared home)."""
     return PruneSpec.model_fields[key].default
@@ -90,7 +99,7 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
         default=_default("calibration_batches"),
         help="batches of 8 blocks",
     )
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration block")
+    p.add_argument("--seq-len", type=positive_int, default=128, help="tokens per calibration block")
     p.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
@@ -136,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run every stage of a recipe (finished stages are skipped)")
     _add_recipe_args(p)
-    p.add_argument("--max-steps", type=int, help="cap every training stage at N steps (dry run)")
+    p.add_argument(
+        "--max-steps", type=positive_int, help="cap every training stage at N steps (dry run)"
+    )
     p.add_argument(
         "--force-resume",
         action="store_true",
@@ -173,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="throughput, MFU and peak memory of a recipe's training step")
     _add_recipe_args(p)
     p.add_argument("--stage", help="the training stage to measure (default: first distill stage)")
-    p.add_argument("--steps", type=int, default=5, help="measured steps per path")
+    p.add_argument("--steps", type=positive_int, default=5, help="measured steps per path")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument(
         "--paths",
@@ -364,7 +375,19 @@ def cmd_report(args) -> int:
         from distill.errors import RecipeError
 
         raise RecipeError(f"{summary} does not exist; give the output dir of a `distill run`")
-    entries = json.loads(summary.read_text())["stages"]
+    from distill.run.results import StageResult
+
+    try:
+        entries = json.loads(summary.read_bytes())["stages"]
+        for entry in entries:  # what the report reads of each stage
+            StageResult.from_json(entry)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        from distill.errors import RecipeError
+
+        raise RecipeError(
+            f"{summary} is not a run summary ({type(err).__name__}: {err}); it was cut short or "
+            "edited: run the recipe again (finished stages are skipped) to rewrite it"
+        ) from None
     print(write_report(out, out.name, entries))
     return 0
 

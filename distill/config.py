@@ -1,8 +1,10 @@
 """The typed recipe: YAML in, validated dataclass-like models out.
 
-Every setting has one declared home here, with its default and a one-line doc. Loading fails before
-any model is built, with one message that names the key, the value, what is allowed and, for a
-misspelt key, the closest valid key.
+Every setting has one declared home, with its default and a one-line doc: here, or for the models
+and tokenizer in distill.model_specs, the eval sets and gates in distill.eval_specs, the objective,
+pruning and quantization in distill.specs. Loading fails before any model is built, with one
+message that names the key, the value, what is allowed and, for a misspelt key, the closest valid
+key.
 """
 
 from __future__ import annotations
@@ -15,86 +17,22 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from distill.specs import LogitTerm, ObjectiveSpec, PruneSpec, QuantSpec, Section
-from distill.targets import EXPORT_FORMATS
+from distill.eval_specs import GateSpec, HubEvalSet, LmEvalSpec, MetricBound  # noqa: F401
+from distill.model_specs import ModelSpec, TokenizerSpec, TokenizerTrainSpec  # noqa: F401
+from distill.output_names import check_stage_name
+from distill.specs import (
+    BATCH_MAX,
+    LogitTerm,
+    ObjectiveSpec,
+    PruneSpec,
+    QuantSpec,
+    Section,
+    Seed,
+    UnitFloat,
+)
+from distill.targets import CT_GROUP_SIZES, EXPORT_FORMATS
 
 TRAINING_KINDS = ("train", "distill", "qat")
-
-
-# ----------------------------------------------------------------------------------------------
-# Models and tokenizer
-
-
-class ModelSpec(Section):
-    """Where a model comes from: a local directory or hub id (`path`), or a config (`config`)."""
-
-    path: str | None = None
-    """Local directory or hub id loaded with AutoModelForCausalLM.from_pretrained."""
-    config: dict[str, Any] | None = None
-    """A transformers config (`model_type` plus fields) for a model trained from scratch."""
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    """Weights dtype when loaded; training math follows `train.precision`."""
-    trust_remote_code: bool = False
-    """Allow model code from the hub repo (only for repos you trust)."""
-    revision: str | None = None
-    """Hub revision (branch, tag or commit) when `path` is a hub id."""
-    attn_implementation: str | None = "sdpa"
-    """Attention kernel passed to transformers (sdpa, eager, flash_attention_2)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward to save memory (student only)."""
-    lora: LoraSpec | None = None
-    """Train PEFT LoRA adapters instead of all weights (student only)."""
-
-    @model_validator(mode="after")
-    def _one_source(self) -> ModelSpec:
-        if (self.path is None) == (self.config is None):
-            raise ValueError(
-                "give exactly one of `path` (a local directory or hub id) or `config` "
-                "(a transformers config with `model_type`)"
-            )
-        if self.config is not None and "model_type" not in self.config:
-            raise ValueError("`config` needs a `model_type` (for example `llama` or `qwen2`)")
-        return self
-
-
-class LoraSpec(Section):
-    r: int = Field(16, gt=0)
-    """Adapter rank."""
-    alpha: float = Field(32.0, gt=0)
-    """LoRA scaling numerator (scale = alpha / r)."""
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | str = "all-linear"
-    """Module names to adapt, or `all-linear`."""
-    merge_on_save: bool = True
-    """Merge adapters into the weights when the stage's model is exported."""
-
-
-ModelSpec.model_rebuild()
-
-
-class TokenizerTrainSpec(Section):
-    vocab_size: int = Field(4096, ge=260, le=1_000_000)
-    """Byte-level BPE vocabulary size, special tokens included."""
-    min_frequency: int = Field(2, ge=1)
-    max_chars: int = Field(50_000_000, gt=0)
-    """Train on at most this many characters of the training split (read in order)."""
-    max_documents: int | None = Field(1_000_000, gt=0)
-    """Train on at most this many documents of the training split (null: `max_chars` alone)."""
-
-
-class TokenizerSpec(Section):
-    """Where the tokenizer comes from: the first model's path, a path, or trained by the recipe."""
-
-    source: Literal["model", "path", "train"] = "model"
-    path: str | None = None
-    """Tokenizer directory or hub id when `source: path`."""
-    train: TokenizerTrainSpec = TokenizerTrainSpec()
-
-    @model_validator(mode="after")
-    def _path_given(self) -> TokenizerSpec:
-        if self.source == "path" and not self.path:
-            raise ValueError("`source: path` needs `path` (a tokenizer directory or hub id)")
-        return self
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +55,7 @@ class DataSpec(Section):
     """How to read `files`; auto picks by extension."""
     text_field: str = "text"
     """Column holding the text in JSON/Parquet/CSV/hub data."""
-    seq_len: int = Field(128, ge=8)
+    seq_len: int = Field(128, ge=8, le=1 << 20)
     """Tokens per packed block."""
     eval_fraction: float = Field(0.035, gt=0, lt=1)
     """Fraction of documents held out, chosen by a stable hash of each document's id."""
@@ -140,7 +78,7 @@ class DataSpec(Section):
     """Read `hub` (or JSON/Parquet/CSV `files`) through datasets' streaming, never whole."""
     on_error: Literal["raise", "skip"] = "raise"
     """A bad document (undecodable, binary, not JSON, no text): stop naming it, or skip and count."""
-    num_proc: int | None = Field(None, gt=0)
+    num_proc: int | None = Field(None, gt=0, le=4096)
     """Tokenizer worker processes (default: this machine's cores); the result is the same for any."""
     store: str | None = None
     """Token store directory to build or reuse (default: <output_dir>/data); alone, a prepared one."""
@@ -167,11 +105,11 @@ class DataSpec(Section):
 
 
 class TrainSpec(Section):
-    max_steps: int = Field(100, gt=0)
+    max_steps: int = Field(100, gt=0, le=10**9)
     """Optimizer steps."""
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0, le=BATCH_MAX)
     """Sequences per micro-batch per process."""
-    grad_accum: int = Field(1, gt=0)
+    grad_accum: int = Field(1, gt=0, le=BATCH_MAX)
     """Micro-batches per optimizer step."""
     lr: float = Field(1e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
@@ -180,7 +118,8 @@ class TrainSpec(Section):
     """Fraction of `max_steps` with linear warm-up."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[UnitFloat, UnitFloat] = (0.9, 0.95)
+    """Adam's moment decay rates, each in [0, 1)."""
     max_grad_norm: float = Field(1.0, ge=0)
     """Clip the global gradient norm (0 = off)."""
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -198,7 +137,7 @@ class TrainSpec(Section):
     """`auto` = newest valid checkpoint of the stage, `never`, or a checkpoint directory."""
     max_bad_steps: int = Field(5, gt=0)
     """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
-    seed: int | None = None
+    seed: Seed | None = None
     """Seed for this stage (default: the recipe's seed)."""
 
 
@@ -234,7 +173,7 @@ class CacheSpec(Section):
     """0-based teacher layers whose outputs are stored (bf16) for offline hidden-state losses."""
     blocks: int | None = Field(None, gt=0)
     """Cache the first N training blocks (default: all)."""
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(16, gt=0, le=BATCH_MAX)
     """Blocks per teacher forward, per process."""
     shard_blocks: int = Field(256, gt=0)
     """Blocks per shard file (the unit of atomic writes and of resume)."""
@@ -249,64 +188,25 @@ def _teacher_from_string(value: Any) -> Any:
     return {"model": value} if isinstance(value, str) else value
 
 
-class HubEvalSet(Section):
-    """A hub dataset as an eval set (a plain string in `eval.sets` is its `hub` id)."""
-
-    hub: str
-    config: str | None = None
-    split: str = "test"
-    text_field: str = "text"
-
-
-class LmEvalSpec(Section):
-    """lm-eval harness tasks, run through its Python API on each stage's model."""
-
-    tasks: list[str] = Field(min_length=1)
-    """Task names: local YAMLs under `include_path` (and distill's own, e.g. `stdlib_docstrings`),
-    or hub tasks when the machine is online."""
-    include_path: list[str] = []
-    """Extra folders of task YAMLs (distill's own task folder is always searched)."""
-    num_fewshot: int | None = Field(None, ge=0)
-    limit: float | None = Field(None, gt=0)
-    """Documents per task (a count, or a fraction when below 1)."""
-    batch_size: int = Field(16, gt=0)
-
-
-class MetricBound(Section):
-    min: float | None = None
-    max: float | None = None
-
-
-class GateSpec(Section):
-    """A condition a stage must meet; a run whose gate fails exits with code 3."""
-
-    stage: str
-    against: str | None = None
-    """The stage `max_perplexity_increase` compares with."""
-    set: str = "heldout"
-    """The eval set whose perplexity is compared."""
-    max_perplexity_increase: float | None = Field(None, ge=0)
-    """Allowed relative increase over `against` (0.02 = 2 %)."""
-    min_teacher_agreement: float | None = Field(None, ge=0, le=1)
-    """Top-1 agreement with the teacher, at least."""
-    lm_eval: dict[str, MetricBound] = {}
-    """`<task>/<metric>: {min: x, max: y}` bounds on lm-eval scores."""
-
-    @model_validator(mode="after")
-    def _against_given(self) -> GateSpec:
-        if self.max_perplexity_increase is not None and self.against is None:
-            raise ValueError(
-                "`max_perplexity_increase` needs `against` (the stage to compare with)"
-            )
-        return self
+def _trains_on_something(objective: ObjectiveSpec) -> ObjectiveSpec:
+    """All weights 0 gives a zero loss: the stage would run to the end and only decay weights."""
+    weights = [objective.ce_weight, *(term.weight for term in objective.terms)]
+    if objective.hidden is not None:
+        weights.append(objective.hidden.weight)
+    if not any(weight > 0 for weight in weights):
+        raise ValueError(
+            "every weight is 0 (ce_weight, each term's weight, hidden.weight), so the stage "
+            "would train on nothing; give at least one a weight above 0"
+        )
+    return objective
 
 
 class EvalSpec(Section):
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(16, gt=0, le=BATCH_MAX)
     latency: bool = False
     """Also measure generation: time of `latency_tokens` tokens, tokens/s, time to first token,
     peak memory."""
-    latency_tokens: int = Field(128, gt=0)
+    latency_tokens: int = Field(128, gt=0, le=BATCH_MAX)
     sets: dict[str, list[str] | HubEvalSet] = {}
     """More eval sets beside `heldout` (the training data's held-out split): name -> files or
     globs (`${stdlib}` is this Python's standard library folder), or a hub dataset id."""
@@ -344,7 +244,7 @@ class EvalSpec(Section):
 
 
 class StageBase(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str
     """Unique stage name; also its output folder."""
     model: str
     """The model this stage starts from: a previous stage's name or a key of `models`."""
@@ -352,6 +252,8 @@ class StageBase(Section):
     """Overrides the recipe's `eval` for this stage."""
     compare_to: str | None = None
     """An earlier stage to compare with in the report (e.g. the baseline a distilled student beats)."""
+
+    _name = field_validator("name")(check_stage_name)
 
     @property
     def teacher_model(self) -> str | None:
@@ -384,6 +286,7 @@ class DistillStage(TrainingStageBase):
     """Keep pruned weights at zero (auto: when the student comes from a prune stage)."""
 
     _teacher = field_validator("teacher", mode="before")(_teacher_from_string)
+    _objective = field_validator("objective")(_trains_on_something)
 
 
 class CacheTeacherStage(StageBase):
@@ -415,6 +318,7 @@ class QatStage(TrainingStageBase):
     """Train this many steps in full precision before fake quantization starts."""
 
     _teacher = field_validator("teacher", mode="before")(_teacher_from_string)
+    _objective = field_validator("objective")(_trains_on_something)
 
 
 class ExportStage(StageBase):
@@ -435,6 +339,16 @@ class ExportStage(StageBase):
         bad = [f for f in v if f not in EXPORT_FORMATS]
         if bad:
             raise ValueError(f"unknown formats {bad}; supported: {', '.join(EXPORT_FORMATS)}")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int | str | None) -> int | str | None:
+        if v not in (None, "auto", *CT_GROUP_SIZES):
+            raise ValueError(
+                f"group_size must be auto, null (per output channel) or one of the served sizes "
+                f"{', '.join(map(str, CT_GROUP_SIZES))}"
+            )
         return v
 
 
@@ -477,9 +391,10 @@ class Recipe(Section):
     """A whole job: data, tokenizer, models and the stages that turn them into a small model."""
 
     name: str = "run"
+    """The run's name (no `/`, not empty, `.` or `..`: it is part of the default `output_dir`)."""
     output_dir: str = "runs/${name}"
     """Where every stage writes; `${name}` is replaced by the recipe's name."""
-    seed: int = 0
+    seed: Seed = 0
     data: DataSpec
     tokenizer: TokenizerSpec = TokenizerSpec()
     models: dict[str, ModelSpec]
@@ -491,12 +406,52 @@ class Recipe(Section):
     tracking: TrackingSpec = TrackingSpec()
     stages: list[Stage]
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if value.strip() in ("", ".", "..") or "/" in value or "\\" in value:
+            raise ValueError(
+                f"the recipe's name {value!r} must be a plain name (not empty, `.` or `..`, no "
+                "`/`): `${name}` in `output_dir` is replaced by it"
+            )
+        return value
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError(
+                "`output_dir` is empty, which would write into the current directory; give a "
+                "folder (`.` if you mean the current one)"
+            )
+        return value
+
+    @field_validator("stages")
+    @classmethod
+    def _some_stages(cls, value: list) -> list:
+        if not value:
+            raise ValueError("a recipe needs at least one stage (see recipes/quickstart.yaml)")
+        return value
+
+    @model_validator(mode="after")
+    def _buckets_fit(self) -> Recipe:
+        evals = [("eval", self.eval)] + [
+            (f"stages.{i}.eval", s.eval) for i, s in enumerate(self.stages)
+        ]
+        for where, spec in evals:
+            if spec is not None and spec.position_buckets >= self.data.seq_len:
+                raise ValueError(
+                    f"{where}.position_buckets={spec.position_buckets} must be below data.seq_len="
+                    f"{self.data.seq_len}: each bucket is a span of the block's predicted positions"
+                )
+        return self
+
     @field_validator("train")
     @classmethod
     def _train_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
         for key in value:
             if key not in TrainSpec.model_fields:
-                close = difflib.get_close_matches(key, list(TrainSpec.model_fields), n=1)
+                close = difflib.get_close_matches(str(key), list(TrainSpec.model_fields), n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise ValueError(
                     f"unknown key {key!r}.{hint} Allowed: {', '.join(TrainSpec.model_fields)}"

@@ -27,24 +27,28 @@ def resolve_dtype(name: str):
 
 def build_model(spec: ModelSpec, tokenizer, seed: int, what: str):
     """A causal LM from `spec`: loaded from a path/hub id, or freshly initialised from a config."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from distill.model_specs import build_config
 
     if spec.config is not None:
-        fields = dict(spec.config)
-        model_type = fields.pop("model_type")
-        if "vocab_size" not in fields:
-            fields["vocab_size"] = len(tokenizer)
+        defaults = {"vocab_size": len(tokenizer)}
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            fields.setdefault(key, getattr(tokenizer, key, None))
-        try:
-            config = AutoConfig.for_model(model_type, **fields)
-        except (ValueError, KeyError, TypeError) as err:
-            raise RecipeError(f"models.{what}.config: transformers rejects it: {err}") from err
+            defaults[key] = getattr(tokenizer, key, None)
+        config = build_config(spec, what, defaults)
         if spec.attn_implementation:
             config._attn_implementation = spec.attn_implementation
         # Seeded here so the same recipe always starts from the same weights.
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_config(
+                config, trust_remote_code=spec.trust_remote_code
+            )
+        except Exception as err:  # noqa: BLE001 - whatever the model's own code raises
+            raise RecipeError(
+                f"models.{what}.config: transformers cannot build a causal LM from it: "
+                f"{str(err).strip() or type(err).__name__}"
+            ) from err
         if spec.dtype not in ("auto", "float32"):
             model = model.to(DTYPES[spec.dtype])
         return model

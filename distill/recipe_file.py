@@ -17,8 +17,86 @@ from typing import Annotated, Any, Union
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from distill.config import TRAINING_KINDS, Recipe
+from distill.config import TRAINING_KINDS, Recipe, Stage, TrainSpec
 from distill.errors import RecipeError, SettingError
+from distill.model_specs import build_config
+
+ALIAS_BUDGET = 10_000
+"""Values YAML aliases may repeat in one recipe (or override): far above any real use of anchors,
+far below an alias bomb (nine nested aliases of nine repeat 9**9 values)."""
+
+MAX_DEPTH = 100
+"""Nesting a recipe may have; PyYAML composes recursively, so a deeper one would overflow."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that counts, while composing, the values each alias repeats, and refuses
+    recursive aliases and deep nesting, so a hostile file fails in milliseconds."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._repeated = 0
+        self._sizes: dict[int, int] = {}
+        self._open: list[str | None] = []
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open:
+                raise _RecipeYamlError(f"alias *{event.anchor} refers to a value that holds it")
+            if event.anchor in self.anchors:
+                self._repeated += self._size(self.anchors[event.anchor])
+                if self._repeated > ALIAS_BUDGET:
+                    raise _RecipeYamlError(
+                        f"its aliases repeat more than {ALIAS_BUDGET:,} values (an alias bomb?); "
+                        "write the values out, or use fewer aliases"
+                    )
+            return super().compose_node(parent, index)
+        if len(self._open) >= MAX_DEPTH:
+            raise _RecipeYamlError(f"it is nested more than {MAX_DEPTH} levels deep")
+        self._open.append(getattr(event, "anchor", None))
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._open.pop()
+
+    def _size(self, node) -> int:
+        """Values in `node` with every alias in it expanded (each node measured once)."""
+        if id(node) not in self._sizes:
+            if isinstance(node, yaml.MappingNode):
+                children = [part for pair in node.value for part in pair]
+            else:
+                children = node.value if isinstance(node, yaml.SequenceNode) else []
+            self._sizes[id(node)] = 1 + sum(self._size(child) for child in children)
+        return self._sizes[id(node)]
+
+
+class _RecipeYamlError(Exception):
+    """Raised inside the loader; the caller names the file or override."""
+
+
+def _load_bounded(text: str):
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def parse_yaml(text: str, what: str):
+    """YAML text (a recipe file's or an override's value) through the bounded safe loader."""
+    try:
+        return _load_bounded(text)
+    except _RecipeYamlError as err:
+        raise RecipeError(f"{what}: {err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context = getattr(err, "context", None)
+        raise RecipeError(
+            f"{what} is not valid YAML{at}: {problem}" + (f" ({context})" if context else "")
+        ) from None
 
 
 def load_recipe(
@@ -28,40 +106,65 @@ def load_recipe(
 ) -> Recipe:
     """Read a YAML recipe, apply `key.path=value` overrides, merge train defaults, validate."""
     if raw is None:
-        path = Path(path)  # type: ignore[arg-type]
-        if not path.is_file():
-            raise RecipeError(f"recipe file {str(path)!r} does not exist; give the path to a .yaml")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {err}") from err
-        if not isinstance(raw, dict):
-            raise RecipeError(f"recipe {str(path)!r} must be a mapping of keys to values")
+        raw = read_recipe_file(Path(path))  # type: ignore[arg-type]
     raw = copy.deepcopy(raw)
     for item in overrides or []:
         apply_override(raw, item)
-    try:
+    if isinstance(raw.get("train"), dict):
         # defaults are checked alone first: one error, not one per stage they are merged into
-        Recipe._train_keys(raw.get("train") or {})
-    except ValueError as err:
-        raise RecipeError(f"invalid recipe (1 problem):\n  train: {err}") from None
+        try:
+            Recipe._train_keys(raw["train"])
+        except ValueError as err:
+            raise RecipeError(f"invalid recipe (1 problem):\n  train: {err}") from None
+        try:
+            TrainSpec.model_validate(raw["train"])
+        except ValidationError as err:
+            raise RecipeError(format_validation_error(err, raw, ("train",))) from None
     merged = _merge_train_defaults(raw)
     try:
         recipe = Recipe.model_validate(merged)
     except ValidationError as err:
         raise RecipeError(format_validation_error(err, merged)) from None
     check_paths(recipe)
+    check_model_configs(recipe)
     return recipe
+
+
+def read_recipe_file(path: Path) -> dict:
+    """The mapping a recipe file holds, or a RecipeError saying why it is not one."""
+    if path.is_dir():
+        raise RecipeError(f"recipe {str(path)!r} is a directory; give the path to a .yaml file")
+    if not path.is_file():
+        raise RecipeError(f"recipe file {str(path)!r} does not exist; give the path to a .yaml")
+    raw_bytes = path.read_bytes()
+    try:
+        text = raw_bytes.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(
+            f"recipe {str(path)!r} is not UTF-8 text (byte {raw_bytes[err.start]:#04x} at offset "
+            f"{err.start}); give a YAML recipe (see recipes/)"
+        ) from None
+    raw = parse_yaml(text, f"recipe {str(path)!r}")
+    if not isinstance(raw, dict):
+        got = "is empty" if raw is None else f"holds a {type(raw).__name__}"
+        raise RecipeError(
+            f"recipe {str(path)!r} {got}; a recipe is a mapping of keys to values (see recipes/)"
+        )
+    return raw
 
 
 def _merge_train_defaults(raw: dict) -> dict:
     defaults = raw.get("train") or {}
-    if not isinstance(defaults, dict):
-        return raw
+    if not isinstance(defaults, dict) or not isinstance(raw.get("stages") or [], list):
+        return raw  # validation names the section that is not a mapping or list
     out = dict(raw)
     stages = []
     for stage in raw.get("stages") or []:
-        if isinstance(stage, dict) and stage.get("kind") in TRAINING_KINDS:
+        if (
+            isinstance(stage, dict)
+            and stage.get("kind") in TRAINING_KINDS
+            and isinstance(stage.get("train") or {}, dict)
+        ):
             stage = dict(stage)
             stage["train"] = {**defaults, **(stage.get("train") or {})}
         stages.append(stage)
@@ -75,11 +178,18 @@ def apply_override(raw: dict, item: str) -> None:
     if "=" not in item:
         raise RecipeError(f"override {item!r} must look like key.path=value (e.g. train.lr=3e-4)")
     key, value_text = item.split("=", 1)
-    try:
-        value = yaml.safe_load(value_text) if value_text else None
-    except yaml.YAMLError:
-        value = value_text
     parts = key.strip().split(".")
+    if not all(part.strip() for part in parts):
+        raise RecipeError(
+            f"override {item!r}: the key {key!r} has an empty part; write key.path=value "
+            "(e.g. train.lr=3e-4)"
+        )
+    try:
+        value = _load_bounded(value_text) if value_text else None
+    except _RecipeYamlError as err:
+        raise RecipeError(f"override {item!r}: {err}") from None
+    except yaml.YAMLError:
+        value = value_text  # not YAML: the text itself (a path with a colon, say)
     node: Any = raw
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1
@@ -116,10 +226,12 @@ def _stage_index(items: list, part: str) -> int | None:
     return None
 
 
-def format_validation_error(err: ValidationError, raw: dict) -> str:
+def format_validation_error(err: ValidationError, raw: dict, prefix: tuple = ()) -> str:
+    """One line per problem, each naming its key path as written (under `prefix` when `err`
+    comes from validating the section at that path)."""
     lines = [f"invalid recipe ({err.error_count()} problem{'s' * (err.error_count() > 1)}):"]
     for e in err.errors():
-        loc = _clean_loc(e["loc"], raw)
+        loc = _clean_loc(prefix + tuple(e["loc"]), raw)
         where = ".".join(str(p) for p in loc) or "(top level)"
         value = e.get("input")
         if e["type"] == "extra_forbidden":
@@ -139,7 +251,7 @@ def format_validation_error(err: ValidationError, raw: dict) -> str:
                 else ""
             )
             lines.append(
-                f"  {where}: stage `kind` must be one of train, distill, prune, ptq, qat, export;"
+                f"  {where}: stage `kind` must be one of {', '.join(STAGE_KINDS)};"
                 f" got {_short(value)}{replaced}."
             )
         elif not loc:
@@ -149,6 +261,12 @@ def format_validation_error(err: ValidationError, raw: dict) -> str:
             got = "" if isinstance(value, dict) else f" (got {_short(value)})"
             lines.append(f"  {where}: {msg}{got}.")
     return "\n".join(lines)
+
+
+STAGE_KINDS = [
+    typing.get_args(model.model_fields["kind"].annotation)[0]
+    for model in typing.get_args(typing.get_args(Stage)[0])
+]
 
 
 def _short(value: Any) -> str:
@@ -269,6 +387,30 @@ def check_paths(recipe: Recipe) -> None:
             )
     if problems:
         raise RecipeError("invalid recipe:\n" + "\n".join(problems))
+
+
+def check_model_configs(recipe: Recipe) -> None:
+    """Each `config:` model's transformers config, built and checked now (no weights): a head count
+    that does not divide the width fails here, not after a teacher has trained for an hour."""
+    for name, spec in recipe.models.items():
+        if spec.config is None:
+            continue
+        config = build_config(spec, name)
+        vocab = config.vocab_size if "vocab_size" in spec.config else None
+        tok = recipe.tokenizer
+        if vocab is not None and tok.source == "train" and vocab < tok.train.vocab_size:
+            raise RecipeError(
+                f"models.{name}.config.vocab_size={vocab} is below tokenizer.train.vocab_size="
+                f"{tok.train.vocab_size}: the model's head would not cover the tokenizer; leave "
+                "vocab_size out (it then matches the tokenizer)"
+            )
+        limit = getattr(config, "max_position_embeddings", None)
+        if limit is not None and recipe.data.seq_len > limit:
+            raise RecipeError(
+                f"data.seq_len={recipe.data.seq_len} is longer than models.{name}.config."
+                f"max_position_embeddings={limit}; lower `data.seq_len` to at most {limit}, or "
+                "raise max_position_embeddings"
+            )
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Literal
+import types
+import typing
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -15,7 +17,44 @@ from distill.targets import grid_name, resolve_target
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No setting means anything at inf or nan, and inf passes every lower bound (`lr: .inf`
+    # trains to nan without an error): every float of every section must be finite.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        # pydantic's lax mode reads `true` as 1 in a number field (`batch_size: true`)
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key) if isinstance(key, str) else None
+                if isinstance(value, bool) and field and _number_not_bool(field.annotation):
+                    raise ValueError(f"`{key}` takes a number, got {str(value).lower()}")
+        return data
+
+
+def _leaf_types(annotation: Any) -> list:
+    if typing.get_origin(annotation) is Annotated:
+        return _leaf_types(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return [t for arg in typing.get_args(annotation) for t in _leaf_types(arg)]
+    return [annotation]
+
+
+def _number_not_bool(annotation: Any) -> bool:
+    leaves = _leaf_types(annotation)
+    return bool not in leaves and any(t in (int, float) for t in leaves)
+
+
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+"""A seed numpy and torch both accept (torch's generators take 64 bits, numpy's legacy one 32)."""
+
+UnitFloat = Annotated[float, Field(ge=0, lt=1)]
+"""A fraction in [0, 1), such as a decay rate."""
+
+BATCH_MAX = 65536
+"""Upper bound of batch sizes and token counts generated: far above any real run, low enough
+that a typo (a few more zeros) fails at load instead of hanging while indices are built."""
 
 
 LOGIT_LOSS_KINDS = (

@@ -97,7 +97,9 @@ def recipe(tmp_path, tokenizer_dir, files, **data):
         "output_dir": str(tmp_path / "out"),
         "data": {"files": files, "seq_len": 16, "eval_fraction": 0.2, **data},
         "tokenizer": {"source": "path", "path": str(tokenizer_dir)},
-        "models": {"m": {"config": {"model_type": "llama", "hidden_size": 16}}},
+        "models": {
+            "m": {"config": {"model_type": "llama", "hidden_size": 16, "num_attention_heads": 2}}
+        },
         "stages": [{"name": "s", "kind": "train", "model": "m"}],
     }
     path = tmp_path / "recipe.yaml"

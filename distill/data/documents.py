@@ -169,11 +169,47 @@ def _open(path: str) -> BinaryIO:
     if suffix == ".gz":
         return gzip.open(path, "rb")  # type: ignore[return-value]
     if suffix == ".zst":
+        # buffered: line iteration for JSONL
+        return io.BufferedReader(_ZstdReader(path))  # type: ignore[return-value]
+    return open(path, "rb")
+
+
+class _ZstdReader(io.RawIOBase):
+    """A `.zst` file's bytes, frame after frame; EOFError when the file ends inside a frame, which
+    zstandard's own reader passes off as the end of the data (a truncated file read silently
+    short)."""
+
+    def __init__(self, path: str):
         import zstandard
 
-        # the zstd reader has no readline; buffering it gives line iteration for JSONL
-        return io.BufferedReader(zstandard.open(path, "rb"))  # type: ignore[arg-type]
-    return open(path, "rb")
+        self._zstd = zstandard.ZstdDecompressor()
+        self._file = open(path, "rb")  # noqa: SIM115 - closed with this reader
+        self._frame = self._zstd.decompressobj()
+        self._out = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._out:
+            if self._frame.eof:  # a frame ended: the next one starts in what it left over
+                rest = self._frame.unused_data or self._file.read(1 << 20)
+                if not rest:
+                    return 0
+                self._frame = self._zstd.decompressobj()
+                self._out = self._frame.decompress(rest)
+                continue
+            chunk = self._file.read(1 << 20)
+            if not chunk:
+                raise EOFError("the file ends inside a zstd frame (truncated)")
+            self._out = self._frame.decompress(chunk)
+        n = min(len(buffer), len(self._out))
+        buffer[:n], self._out = self._out[:n], self._out[n:]
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def _read_bytes(path: str, bad: BadInput) -> bytes | None:
@@ -222,7 +258,7 @@ def _json_file(path: str, text_field: str, bad: BadInput) -> Iterator[Document]:
         if raw.lstrip().startswith(b"["):
             try:
                 records = json.loads(raw)
-            except ValueError as err:
+            except (ValueError, RecursionError) as err:
                 bad(path, f"is not valid JSON ({err})", "fix it, or write one record per line")
                 return
             for i, record in enumerate(records):
@@ -251,6 +287,9 @@ def _json_lines(
                 record = json.loads(line.decode("utf-8"))
             except UnicodeDecodeError:
                 bad(where, "is not valid UTF-8", "convert the file to UTF-8")
+                continue
+            except RecursionError:
+                bad(where, "is nested too deeply to parse", "fix or remove that line")
                 continue
             except ValueError as err:
                 bad(where, f"is not JSON ({err})", "fix or remove that line")
@@ -313,7 +352,13 @@ def _csv_file(path: str, text_field: str, bad: BadInput) -> Iterator[Document]:
 
     try:
         reader = pcsv.open_csv(
-            _open(path), convert_options=pcsv.ConvertOptions(column_types={text_field: pa.string()})
+            _open(path),
+            # quoted cells of text span lines; without this, a row past the first block breaks
+            parse_options=pcsv.ParseOptions(
+                newlines_in_values=True,
+                invalid_row_handler=_skip_row(path, bad) if bad.skip else None,
+            ),
+            convert_options=pcsv.ConvertOptions(column_types={text_field: pa.string()}),
         )
     except Exception as err:  # noqa: BLE001
         bad(path, f"is not a readable CSV file ({err})", "check the file")
@@ -323,6 +368,21 @@ def _csv_file(path: str, text_field: str, bad: BadInput) -> Iterator[Document]:
         _missing_column(path, text_field, names)
     index = names.index(text_field)
     yield from _column_texts((b.column(index).to_pylist() for b in reader), path, text_field, bad)
+
+
+def _skip_row(path: str, bad: BadInput):
+    """With `on_error: skip`, a CSV row with too many or too few columns is skipped alone."""
+
+    def handle(row) -> str:
+        where = f"row {row.number}" if row.number is not None else f"the row {row.text[:40]!r}"
+        bad(
+            f"{path} {where}",
+            f"has {row.actual_columns} columns, not {row.expected_columns}",
+            "fix or remove that row",
+        )
+        return "skip"
+
+    return handle
 
 
 def _missing_column(source: str, text_field: str, columns: list[str]) -> None:
@@ -336,11 +396,30 @@ def _column_texts(
     batches: Iterator[list], source: str, text_field: str, bad: BadInput
 ) -> Iterator[Document]:
     row = 0
-    for texts in batches:
+    batches = iter(batches)
+    while True:
+        try:
+            texts = next(batches)
+        except StopIteration:
+            return
+        except RecipeError:
+            raise
+        except Exception as err:  # noqa: BLE001 - pyarrow, pandas and datasets: one cause, one fix
+            bad(
+                f"{source} after row {row}",
+                f"cannot be read ({_first_line(err)})",
+                "fix or remove the broken row, or replace the file if it is truncated or corrupt",
+            )
+            return
         for text in texts:
             if _text_ok(text, f"{source} row {row}", text_field, bad):
                 yield text, text
             row += 1
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0].strip() if text else type(err).__name__
 
 
 def _disk_documents(path: str, spec: DataSpec, bad: BadInput) -> Iterator[Document]:
@@ -352,6 +431,11 @@ def _disk_documents(path: str, spec: DataSpec, bad: BadInput) -> Iterator[Docume
         raise RecipeError(
             f"data.files: {path!r} is a directory but not one written by "
             f"`datasets.save_to_disk`; list its files (e.g. `{path}/*.jsonl`) instead"
+        ) from err
+    except Exception as err:  # noqa: BLE001 - a damaged folder fails in json, pyarrow, ...
+        raise RecipeError(
+            f"data.files: {path!r} is a `datasets.save_to_disk` folder that cannot be read "
+            f"({_first_line(err)}); save it again, or list its source files instead"
         ) from err
     if isinstance(dataset, datasets.DatasetDict):
         if spec.split not in dataset:
@@ -365,8 +449,19 @@ def _disk_documents(path: str, spec: DataSpec, bad: BadInput) -> Iterator[Docume
 def _streamed_files(fmt: str, paths: list[str], spec: DataSpec, bad: BadInput):
     import datasets
 
-    dataset = datasets.load_dataset(fmt, data_files=paths, split="train", streaming=True)
-    yield from _dataset_texts(dataset, spec, bad, ",".join(paths))
+    try:
+        dataset = datasets.load_dataset(fmt, data_files=paths, split="train", streaming=True)
+    except Exception as err:  # noqa: BLE001 - datasets raises many types; the fix is the same
+        raise RecipeError(
+            f"data.files: datasets cannot stream {', '.join(paths)} as {fmt} ({_first_line(err)}); "
+            "check the files, or set `data.streaming: false` for messages naming the line"
+        ) from err
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:  # datasets logs a bad row itself before it raises; distill's error says it once
+        yield from _dataset_texts(dataset, spec, bad, ",".join(paths))
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
 def _hub_documents(spec: DataSpec, bad: BadInput) -> Iterator[Document]:

@@ -78,7 +78,26 @@ def read_stage_record(ctx: RunContext, name: str) -> dict | None:
     """A finished stage's record (`stage.json`: its fingerprint, summary entry and output files),
     or None."""
     done = stage_dir(ctx, name) / STAGE_DONE
-    return json.loads(done.read_text()) if done.is_file() else None
+    return _parse_record(done) if done.is_file() else None
+
+
+def _parse_record(done: Path) -> dict:
+    """A truncated or edited record names itself and the fix, whatever the JSON parser says."""
+    try:
+        record = json.loads(done.read_bytes())
+        StageResult.from_json(record["entry"])
+        if "fingerprint" in record:
+            return record
+        problem = "has no `fingerprint`"
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+        problem = f"is not valid JSON ({err})"
+    except (KeyError, TypeError, AttributeError) as err:
+        problem = f"lacks part of its entry ({type(err).__name__}: {err})"
+    raise DamagedOutput(
+        f"{done} {problem}: the record of a finished stage was cut short or edited. Delete it to "
+        "run the stage again (it resumes from its last checkpoint, if any), or delete the whole "
+        f"folder {done.parent} to start the stage afresh"
+    )
 
 
 def stage_record(ctx: RunContext, fingerprint: str, result: StageResult) -> dict:
