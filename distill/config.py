@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from distill.prompts_spec import OnPolicyEvalSpec, PromptsSpec
 from distill.specs import LogitTerm, ObjectiveSpec, PruneSpec, QuantSpec, Section
 from distill.targets import EXPORT_FORMATS
 
@@ -146,6 +147,8 @@ class DataSpec(Section):
     """Token store directory to build or reuse (default: <output_dir>/data); alone, a prepared one."""
     shard_tokens: int = Field(1 << 28, gt=0)
     """Token ids per shard file of the store."""
+    prompts: PromptsSpec | None = None
+    """Prompts of on-policy steps and evaluation (default: the first tokens of the blocks)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
@@ -319,6 +322,8 @@ class EvalSpec(Section):
     agreement_blocks: int = Field(64, gt=0)
     """Held-out blocks for teacher agreement and KL."""
     lm_eval: LmEvalSpec | None = None
+    on_policy: OnPolicyEvalSpec | None = None
+    """Teacher NLL of the model's own greedy and sampled completions of held-out prompts."""
     gates: list[GateSpec] = []
     """Recipe-wide only: checked after every stage ran and the report is written."""
 

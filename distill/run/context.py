@@ -52,6 +52,8 @@ class RunContext:
     """Stage name -> fingerprint of its settings and everything upstream."""
     results: list[StageResult] = field(default_factory=list)
     """The stages finished so far, in order."""
+    prompts: object = None
+    """On-policy prompts (a data.prompts.PromptSets), tokenized on first use."""
 
     @property
     def is_main(self) -> bool:
