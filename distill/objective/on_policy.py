@@ -82,6 +82,7 @@ class GeneratedBatch:
         return (self.labels[:, 1:] != IGNORE_INDEX).sum()
 
 
+@torch.no_grad()
 def label_logprob_sum(
     hidden: torch.Tensor,
     head: torch.Tensor,
