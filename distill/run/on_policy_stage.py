@@ -69,6 +69,10 @@ def _check_length(ctx, where: str, prompt: int, new: int, source: str, student, 
             f"{total} tokens, longer than data.seq_len={seq_len} (the context the stage is "
             "sized for); lower `max_new_tokens` or `data.prompts.prompt_tokens`"
         )
+    _check_positions(where, total, student, teacher)
+
+
+def _check_positions(where: str, total: int, student, teacher) -> None:
     for what, model in (("student", student), ("teacher", teacher)):
         config = getattr(getattr(model, "lm", model), "config", None)
         limit = getattr(config, "max_position_embeddings", None)
@@ -82,6 +86,9 @@ def _check_length(ctx, where: str, prompt: int, new: int, source: str, student, 
 def on_policy_metrics(ctx: RunContext, model, teacher, spec) -> dict:
     """`metrics.on_policy` of a stage: the teacher's NLL of the model's own held-out completions."""
     tok = ctx.tokenizer
+    sets = prompt_sets(ctx)
+    where = f"eval.on_policy ({sets.where})"
+    _check_positions(where, sets.length + spec.max_new_tokens, model, teacher)
     return completion_nll(
         model,
         teacher,

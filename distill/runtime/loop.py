@@ -187,7 +187,7 @@ def train(job: TrainJob) -> TrainResult:
                 step,
                 blocks,
             )
-            _ = job.on_policy and job.on_policy.step_done(on_policy)  # its time split
+            _count_on_policy(job, on_policy)
             _after_step(job, acc, module, state, out, step, ckpt_root)
             if faults:
                 faults.after_step()
@@ -235,6 +235,12 @@ def _step_batches(job: TrainJob, acc, order: BatchOrder, step: int, autocast):
         gen = job.on_policy.batches(acc, job.teacher, step, job.spec, job.seed, autocast)
         return blocks, gen, True
     return blocks, [job.train_blocks[b].to(acc.device) for b in blocks], False
+
+
+def _count_on_policy(job: TrainJob, on_policy: bool) -> None:
+    """The step in the on-policy sums (its wall time: the generation vs training split)."""
+    if job.on_policy is not None:
+        job.on_policy.step_done(on_policy)
 
 
 def _restore_on_policy(job: TrainJob, state: dict, resumed: Path | None) -> None:
