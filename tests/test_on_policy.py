@@ -279,3 +279,27 @@ def test_teacher_with_another_tokenizer_cannot_score(tmp_path, assets):  # noqa:
 
 
 _STAGE = "stages.0.objective.on_policy"
+
+
+def test_bench_splits_an_on_policy_step_into_generation_and_the_rest(tmp_path):
+    from distill.bench.run import format_table, run_bench
+
+    stages = [
+        {"name": "teacher", "kind": "train", "model": "teacher"},
+        {
+            "name": "onpol",
+            "kind": "distill",
+            "model": "student",
+            "teacher": "teacher",
+            "objective": {"terms": [{"kind": "jsd"}], "on_policy": {"max_new_tokens": 8}},
+        },
+    ]
+    path = tiny_recipe(tmp_path / "r.yaml", stages)
+    bench_recipe = load_recipe(path, ["data.prompts.prompt_tokens=8", "train.batch_size=2"])
+    device = torch.device("cpu")
+    result = run_bench(bench_recipe, "onpol", ("chunked",), 1, 0, device, log=lambda m: None)
+    split = result["on_policy"]
+    assert split["generation_ms"] > 0 and split["scoring_and_training_ms"] > 0
+    assert split["generated_tokens_per_step"] == 2 * 8  # batch 2; the bench tokenizer has no EOS
+    assert 0 < split["generation_share_of_stage"] < split["generation_share_of_on_policy_step"] < 1
+    assert "generation is" in format_table(result)

@@ -27,11 +27,16 @@ STAGES = [
 ]
 
 
-def test_two_process_on_policy_run_resumes_bitwise(tmp_path):
-    recipe = tiny_recipe(tmp_path / "recipe.yaml", STAGES)
+def on_policy_recipe(path):
+    recipe = tiny_recipe(path, STAGES)
     raw = yaml.safe_load(recipe.read_text())
     raw["data"]["prompts"] = {"prompt_tokens": 12}
     recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return recipe
+
+
+def test_two_process_on_policy_run_resumes_bitwise(tmp_path):
+    recipe = on_policy_recipe(tmp_path / "recipe.yaml")
     done = tmp_path / "straight"
     launch(CONFIGS["ddp"], recipe, f"output_dir={done}")
     out = tmp_path / "killed"
@@ -54,3 +59,18 @@ def test_two_process_on_policy_run_resumes_bitwise(tmp_path):
     # 2 ranks x batch 4 prompts x 8 new tokens, in on-policy steps 1, 3, 5
     assert [r["step"] for r in rows] == [2, 4, 6]
     assert all(r["gen_tokens"] <= 64 and r["mean_completion_len"] <= 8 for r in rows)
+
+
+@pytest.mark.slow  # ~60 s; run with -m slow
+def test_zero3_student_generates_what_ddp_generates(tmp_path):
+    """Under ZeRO-3 the student's partitions are gathered for generation: the same samples, so
+    the same losses as DDP (to DeepSpeed's reduction order)."""
+    recipe = on_policy_recipe(tmp_path / "recipe.yaml")
+    runs = {}
+    for mode in ("ddp", "zero3"):
+        runs[mode] = tmp_path / mode
+        launch(CONFIGS[mode], recipe, f"output_dir={runs[mode]}")
+    want = losses_by_step(runs["ddp"] / "onpol" / "metrics.jsonl")
+    got = losses_by_step(runs["zero3"] / "onpol" / "metrics.jsonl")
+    assert sorted(got) == sorted(want) == list(range(1, 7))
+    assert max(abs(got[s] - want[s]) for s in want) < 1e-5
