@@ -94,8 +94,13 @@ class HFGenerator:
             pad_token_id=self.pad_id,
             use_cache=True,
         )
-        was_training = lm.training
-        lm.eval()  # no dropout; gradient checkpointing (training only) would turn the cache off
+        was_training, own_config = self.model.training, lm.generation_config
+        # eval: no dropout (LoRA's included); gradient checkpointing would turn the cache off
+        self.model.eval()
+        # `generate` fills settings left at their defaults from the model's own generation config
+        # (a repetition penalty, suppressed tokens): with ours in its place the samples are the
+        # student's plain distribution
+        lm.generation_config = config
         try:
             with self._gathered():
                 return self.model.generate(
@@ -106,7 +111,8 @@ class HFGenerator:
                     synced_gpus=self._partitioned,
                 )
         finally:
-            lm.train(was_training)
+            lm.generation_config = own_config
+            self.model.train(was_training)
 
     @property
     def _partitioned(self) -> bool:

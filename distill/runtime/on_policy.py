@@ -56,9 +56,7 @@ class OnPolicy:
 
     def batches(self, acc, teacher, step: int, spec, seed: int, autocast) -> list[GeneratedBatch]:
         """The step's micro-batches: prompts completed by the student, scored by the teacher."""
-        order = BatchOrder(
-            len(self.prompts), spec.batch_size, spec.grad_accum, acc.num_processes, seed
-        )
+        order = self._order(spec, acc.num_processes, seed)
         out, gen_s = [], 0.0
         for micro in range(spec.grad_accum):
             ids, mask = self.prompts.take(order.indices(step, micro, acc.process_index))
@@ -87,6 +85,14 @@ class OnPolicy:
             out.append(batch)
         self._add(gen_s=gen_s)
         return out
+
+    def _order(self, spec, world: int, seed: int) -> BatchOrder:
+        """The prompt order (kept: it caches the epoch's permutation)."""
+        key = (spec.batch_size, spec.grad_accum, world, seed)
+        if getattr(self, "_order_key", None) != key:
+            self._order_key = key
+            self._prompt_order = BatchOrder(len(self.prompts), *key)
+        return self._prompt_order
 
     def _add(self, **values) -> None:
         for key, value in values.items():
