@@ -108,19 +108,11 @@ def assemble_training_run(
     module = _objective_module(ctx, stage, student, teacher or teacher_in_loop, objective_path)
     if device is not None:
         module.to(device)
-    on_policy = build_on_policy(ctx, stage, module, teacher or teacher_in_loop, prompts)
-    return TrainingRun(
-        module,
-        teacher_in_loop,
-        teacher,
-        teacher_name,
-        placement,
-        hooks,
-        model_spec,
-        quant,
-        sparse,
-        on_policy,
+    run = TrainingRun(
+        module, teacher_in_loop, teacher, teacher_name, placement, hooks, model_spec, quant, sparse
     )
+    run.on_policy = build_on_policy(ctx, stage, module, teacher or teacher_in_loop, prompts)
+    return run
 
 
 def frozen_teacher(ctx: RunContext, ref: TeacherRef | None, spec: TrainSpec, acc, name: str):
