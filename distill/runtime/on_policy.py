@@ -158,6 +158,8 @@ def completion_nll(model, teacher, prompts, spec, vocab_size: int, eos_id, pad_i
     generator = HFGenerator(model, eos_id, pad_id, vocab_size)
     count = min(spec.prompts, len(prompts))
     head = causal_lm_of(teacher).get_output_embeddings().weight
+    teacher_was_training = teacher.training
+    teacher.eval()
     out = {"prompts": count}
     for mode in ("greedy", "sampled"):
         logp = tokens = 0.0
@@ -178,5 +180,6 @@ def completion_nll(model, teacher, prompts, spec, vocab_size: int, eos_id, pad_i
             logp, tokens = logp + float(s), tokens + float(n)
         out[f"{mode}_nll"] = -logp / tokens if tokens else None
         out[f"{mode}_len"] = tokens / count if count else 0.0
+    teacher.train(teacher_was_training)
     out.update(spec.model_dump(mode="json", exclude={"prompts", "batch_size"}))
     return out
