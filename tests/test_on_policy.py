@@ -202,6 +202,7 @@ def test_on_policy_resume_is_bitwise_and_steps_are_logged(tmp_path):
     assert all(r["gen_tokens"] == 8 * NEW and r["mean_completion_len"] == NEW for r in on)
     assert all(r["gen_s"] > 0 and r["train_s"] > 0 and r["teacher_logp"] < 0 for r in on)
     assert rows_a[-1]["on_policy_fraction"] == 0.5
+    assert [r["on_policy_step"] for r in rows_a] == [0, 1, 0, 1, 0, 1]
     assert result.on_policy["on_policy_steps"] == 3
     assert result.on_policy["generated_tokens"] == again.on_policy["generated_tokens"] == 24 * NEW
 

@@ -123,6 +123,9 @@ class OnPolicy:
         world = acc.num_processes
         self.window = _zeros()
         row = {
+            # the logged loss is this step's: say which kind it was (lambda = 0.5 and an even
+            # log_every log on-policy steps only)
+            "on_policy_step": int(is_on_policy_step(step - 1, self.spec.fraction)),
             "on_policy_fraction": on_policy_steps_before(step, self.spec.fraction) / max(step, 1),
             "gen_tokens": w["gen_tokens"],
             "gen_s": w["gen_s"] / world,
