@@ -12,12 +12,14 @@ from distill.bench.step import build_train_step
 from distill.runtime.loop import lr_at, train_step
 
 
-def bench_on_policy(recipe, stage, device, steps: int, warmup: int, notes, acc, off_ms: float):
-    """The on-policy step's time split (None for a stage without `objective.on_policy`);
-    `off_ms` is the measured off-policy step (the chunked path)."""
+def bench_on_policy(recipe, stage, device, steps: int, warmup: int, notes, acc, results) -> dict:
+    """`{"on_policy": the on-policy step's time split}` (empty for a stage without
+    `objective.on_policy`); `results` are the measured paths (the chunked one is the off-policy
+    step)."""
     objective = getattr(stage, "objective", None)
     if objective is None or objective.on_policy is None or device.type == "meta":
-        return None
+        return {}
+    off_ms = (results.get("chunked") or next(iter(results.values()))).ms_per_step
     step = build_train_step(recipe, stage, "chunked", device, notes)
     on_policy = step.run.on_policy
     gen, rest, tokens = [], [], []
@@ -44,11 +46,15 @@ def bench_on_policy(recipe, stage, device, steps: int, warmup: int, notes, acc, 
             tokens.append(on_policy.totals["gen_tokens"] - tokens_before)
     del step
     gen_ms, rest_ms = statistics.median(gen) * 1e3, statistics.median(rest) * 1e3
-    fraction = objective.on_policy.fraction
+    return {"on_policy": _split(objective.on_policy, gen_ms, rest_ms, off_ms, tokens)}
+
+
+def _split(spec, gen_ms: float, rest_ms: float, off_ms: float, tokens: list) -> dict:
+    fraction = spec.fraction
     stage_ms = fraction * (gen_ms + rest_ms) + (1 - fraction) * off_ms
     return {
         "fraction": fraction,
-        "max_new_tokens": objective.on_policy.max_new_tokens,
+        "max_new_tokens": spec.max_new_tokens,
         "generation_ms": gen_ms,
         "scoring_and_training_ms": rest_ms,
         "on_policy_step_ms": gen_ms + rest_ms,

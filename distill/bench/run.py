@@ -242,12 +242,7 @@ def run_bench(
             "loss_peak_memory": chunked.loss_peak_memory_bytes
             / max(naive.loss_peak_memory_bytes, 1),
         }
-    off_policy = results.get("chunked") or next(iter(results.values()))
-    on_policy = bench_on_policy(
-        recipe, stage, device, steps, warmup, notes, acc, off_policy.ms_per_step
-    )
-    if on_policy is not None:
-        out["on_policy"] = on_policy
+    out.update(bench_on_policy(recipe, stage, device, steps, warmup, notes, acc, results))
     if "cache" in results:
         cache = results["cache"]
         out["ratios_cache"] = {
