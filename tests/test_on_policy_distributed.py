@@ -61,7 +61,7 @@ def test_two_process_on_policy_run_resumes_bitwise(tmp_path):
     assert all(r["gen_tokens"] <= 64 and r["mean_completion_len"] <= 8 for r in rows)
 
 
-@pytest.mark.slow  # ~60 s; run with -m slow
+@pytest.mark.slow  # ~200 s on 2 shared cores (DeepSpeed on CPU); run with -m slow
 def test_zero3_student_generates_what_ddp_generates(tmp_path):
     """Under ZeRO-3 the student's partitions are gathered for generation: the same samples, so
     the same losses as DDP (to DeepSpeed's reduction order)."""
