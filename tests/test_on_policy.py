@@ -16,8 +16,10 @@ from distill.errors import RecipeError
 from distill.objective.losses import IGNORE_INDEX
 from distill.objective.module import DistillModule, teacher_forward
 from distill.objective.on_policy import (
+    GeneratedBatch,
     completion_labels,
     is_on_policy_step,
+    label_logprob_sum,
     on_policy_steps_before,
     sampling_seed,
 )
@@ -25,7 +27,7 @@ from distill.prompts_spec import PromptsSpec
 from distill.recipe_file import load_recipe
 from distill.runtime.distributed import make_accelerator
 from distill.runtime.generate import HFGenerator
-from distill.runtime.loop import TrainJob, train
+from distill.runtime.loop import TrainJob, _inputs, train
 from distill.runtime.on_policy import OnPolicy
 from distill.specs import LOGIT_LOSS_KINDS, LogitTerm, ObjectiveSpec, OnPolicySpec
 from distill.tracking import Tracker
@@ -121,6 +123,36 @@ def test_each_loss_kind_on_generated_sequences_matches_plain_formulas(kind):
     grad = seen[0].grad[:, :-1]
     assert torch.count_nonzero(grad[~keep]) == 0
     assert torch.count_nonzero(grad[keep]) > 0
+
+
+def test_training_forward_of_a_generated_batch_sees_what_generation_saw():
+    """An on-policy batch reaches the loss aligned with its generation: with left-padded prompts,
+    the training forward (the batch's mask and position ids, logits at t against the label at
+    t + 1) gives greedy decoding's own choices back at every completion position, and the teacher's
+    scored log-likelihood is that of the completion tokens only."""
+    student, teacher = tiny_llama(0), tiny_llama(1, hidden=48)
+    prompts = torch.randint(1, VOCAB, (3, PROMPT), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(prompts)
+    mask[0, :2] = 0
+    mask[1, :4] = 0  # two left-padded prompts, of different lengths
+    seqs = HFGenerator(student, None, 0, VOCAB).generate(prompts, mask, NEW)
+    full = torch.ones_like(seqs)
+    full[:, :PROMPT] = mask
+    batch = GeneratedBatch(seqs, completion_labels(seqs, PROMPT, None, VOCAB), full)
+    assert batch.label_count() == 3 * NEW  # every completion token, no prompt token
+    ids, _, labels, attention, positions = _inputs(batch, None)  # what train_step passes
+    with torch.no_grad():
+        logits = student(input_ids=ids, attention_mask=attention, position_ids=positions).logits
+    keep = labels[:, 1:] != IGNORE_INDEX
+    assert torch.equal(logits[:, :-1].argmax(-1)[keep], labels[:, 1:][keep])
+    t_out = teacher_forward(
+        teacher, seqs, False, torch.autocast("cpu", enabled=False), full, batch.position_ids
+    )
+    logp, count = label_logprob_sum(t_out.hidden, t_out.head_weight, batch.labels, VOCAB)
+    t_logits = teacher(input_ids=seqs, attention_mask=full, position_ids=batch.position_ids).logits
+    want = t_logits[:, PROMPT - 1 : -1].log_softmax(-1).gather(-1, seqs[:, PROMPT:, None]).sum()
+    assert int(count) == 3 * NEW
+    torch.testing.assert_close(logp.float(), want, rtol=1e-5, atol=1e-4)
 
 
 def test_generation_is_determined_by_the_step_seed_and_leaves_the_global_rng():
