@@ -20,6 +20,7 @@ from pydantic import Field, field_validator, model_validator
 from distill.eval_specs import GateSpec, HubEvalSet, LmEvalSpec, MetricBound  # noqa: F401
 from distill.model_specs import ModelSpec, TokenizerSpec, TokenizerTrainSpec  # noqa: F401
 from distill.output_names import check_stage_name
+from distill.prompts_spec import OnPolicyEvalSpec, PromptsSpec
 from distill.specs import (
     BATCH_MAX,
     LogitTerm,
@@ -84,6 +85,8 @@ class DataSpec(Section):
     """Token store directory to build or reuse (default: <output_dir>/data); alone, a prepared one."""
     shard_tokens: int = Field(1 << 28, gt=0)
     """Token ids per shard file of the store."""
+    prompts: PromptsSpec | None = None
+    """Prompts of on-policy steps and evaluation (default: the first tokens of the blocks)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
@@ -219,6 +222,8 @@ class EvalSpec(Section):
     agreement_blocks: int = Field(64, gt=0)
     """Held-out blocks for teacher agreement and KL."""
     lm_eval: LmEvalSpec | None = None
+    on_policy: OnPolicyEvalSpec | None = None
+    """Teacher NLL of the model's own greedy and sampled completions of held-out prompts."""
     gates: list[GateSpec] = []
     """Recipe-wide only: checked after every stage ran and the report is written."""
 

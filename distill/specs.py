@@ -120,6 +120,21 @@ class HiddenLossSpec(Section):
     """Learn a linear map student width -> teacher width when they differ."""
 
 
+class OnPolicySpec(Section):
+    """On-policy distillation: on a fraction of the steps the student samples completions of
+    prompts (`data.prompts`) and the logit terms are taken on the completion tokens only."""
+
+    fraction: float = Field(0.5, ge=0, le=1, allow_inf_nan=False)
+    """lambda: share of the optimizer steps that train on the student's own samples (step s is
+    on-policy when floor((s+1) lambda) > floor(s lambda): a pure function of the step)."""
+    max_new_tokens: int = Field(32, ge=1, le=1_000_000)
+    """Tokens sampled per prompt (fewer when every completion of the batch ended with EOS)."""
+    temperature: float = Field(1.0, gt=0, le=100, allow_inf_nan=False)
+    """Sampling temperature of the student's completions."""
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+
+
 class ObjectiveSpec(Section):
     ce_weight: float = Field(0.5, ge=0)
     """Weight of next-token cross-entropy on the labels."""
@@ -131,6 +146,9 @@ class ObjectiveSpec(Section):
     """Tokens per chunk of the memory-efficient loss (memory O(chunk x vocab))."""
     path: Literal["chunked", "naive"] = "chunked"
     """`naive` materialises full logits (a reference; slow and memory hungry)."""
+    on_policy: OnPolicySpec | None = None
+    """Also train on the student's own sampled completions (a fraction of the steps); off when
+    absent."""
 
 
 PRUNE_METHODS = ("magnitude", "wanda", "nm", "width", "depth")

@@ -42,6 +42,7 @@ from distill.bench.flops import (
     teacher_flops_per_token,
 )
 from distill.bench.memory import PeakMemory, tensor_bytes
+from distill.bench.on_policy import bench_on_policy, format_on_policy
 from distill.bench.step import (
     LOSS_PATHS,
     TEACHER_PATHS,
@@ -241,6 +242,7 @@ def run_bench(
             "loss_peak_memory": chunked.loss_peak_memory_bytes
             / max(naive.loss_peak_memory_bytes, 1),
         }
+    out.update(bench_on_policy(recipe, stage, device, steps, warmup, notes, acc, results))
     if "cache" in results:
         cache = results["cache"]
         out["ratios_cache"] = {
@@ -362,6 +364,8 @@ def format_table(result: dict) -> str:
         lines.append(
             "\ncache tokens/s: " + ", ".join(f"{v:.2f}x {k[3:]}" for k, v in cache_ratios.items())
         )
+    if result.get("on_policy"):
+        lines += format_on_policy(result["on_policy"])
     for note in result["notes"]:
         lines.append(f"note: {note}")
     return "\n".join(lines)

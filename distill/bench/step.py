@@ -20,6 +20,7 @@ from distill.models import (
     num_layers,
 )
 from distill.objective.module import teacher_forward
+from distill.prompts_spec import PromptsSpec
 from distill.run.assemble import TrainingRun, assemble_training_run, frozen_teacher
 from distill.run.cache_stage import teacher_outputs
 from distill.run.context import (
@@ -29,6 +30,7 @@ from distill.run.context import (
     result_of_record,
     root_model_key,
 )
+from distill.run.on_policy_stage import bench_prompts
 from distill.runtime.loop import autocast_for, lr_at, param_groups, train_step
 from distill.teacher_cache.store import CachedTeacher, cache_in_memory
 
@@ -176,8 +178,9 @@ def build_train_step(
     elif stage.teacher_cache is not None:  # the cache path, and the loss paths of such a stage
         cache = _cache_of_batches(ctx, recipe.stage(stage.teacher_cache), spec, batches)
     loss_path = path if path in LOSS_PATHS else None
+    prompts = _on_policy_prompts(recipe, measured, batches)
     run = assemble_training_run(
-        ctx, measured, spec, objective_path=loss_path, device=device, cache=cache
+        ctx, measured, spec, objective_path=loss_path, device=device, cache=cache, prompts=prompts
     )
     run.module.train()
     if isinstance(run.teacher, nn.Module):
@@ -186,6 +189,15 @@ def build_train_step(
         param_groups(run.module, spec.weight_decay), lr=spec.lr, betas=tuple(spec.betas)
     )
     return TrainStep(run, optimizer, batches, spec, autocast, vocab)
+
+
+def _on_policy_prompts(recipe: Recipe, stage, batches):
+    """An on-policy stage's prompts: the first `data.prompts.prompt_tokens` of the random blocks."""
+    objective = getattr(stage, "objective", None)
+    if objective is None or objective.on_policy is None:
+        return None
+    length = (recipe.data.prompts or PromptsSpec()).prompt_tokens
+    return bench_prompts(torch.cat(batches), length)
 
 
 def _cache_teacher(recipe: Recipe, stage) -> str | None:

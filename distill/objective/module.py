@@ -40,10 +40,18 @@ class TeacherTrunk(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids: torch.Tensor, want_states: bool):
+    def forward(
+        self, input_ids: torch.Tensor, want_states: bool, attention_mask=None, position_ids=None
+    ):
         """(final hidden states, head weight, per-layer outputs or None): plain tensors and
-        tuples, which DeepSpeed's hooks understand."""
-        out = backbone_of(self.lm)(input_ids=input_ids, output_hidden_states=want_states)
+        tuples, which DeepSpeed's hooks understand. The mask and positions are those of
+        left-padded generated batches (None: packed blocks)."""
+        out = backbone_of(self.lm)(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=want_states,
+        )
         head = causal_lm_of(self.lm).get_output_embeddings().weight
         if hasattr(head, "ds_id"):  # ZeRO-3: released (re-partitioned) when this forward ends
             head = head.detach().clone()
@@ -52,11 +60,18 @@ class TeacherTrunk(nn.Module):
 
 
 @torch.no_grad()
-def teacher_forward(teacher: nn.Module, input_ids: torch.Tensor, want_states: bool, autocast):
+def teacher_forward(
+    teacher: nn.Module,
+    input_ids: torch.Tensor,
+    want_states: bool,
+    autocast,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+):
     """The frozen teacher's hidden states; no autograd graph is ever built."""
     trunk = teacher if isinstance(teacher, TeacherTrunk) else TeacherTrunk(teacher)
     with autocast:
-        hidden, head, states = trunk(input_ids, want_states)
+        hidden, head, states = trunk(input_ids, want_states, attention_mask, position_ids)
     return TeacherOutput(hidden=hidden, head_weight=head, states=list(states) if states else None)
 
 
@@ -85,11 +100,26 @@ class DistillModule(nn.Module):
         self.vocab_size = vocab_size
         self.layer_map = layer_map or []
 
-    def forward(self, input_ids: torch.Tensor, teacher: TeacherOutput | None = None, labels=None):
-
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        teacher: TeacherOutput | None = None,
+        labels=None,
+        attention_mask=None,
+        position_ids=None,
+    ):
+        """(total, unweighted term sums, token count). `labels` with IGNORE_INDEX rows and a
+        mask mark a generated (on-policy) batch: CE is left out there, its labels being the
+        student's own samples."""
         objective = self.objective
         want_states = bool(teacher is not None and objective and objective.hidden)
-        out = backbone_of(self.student)(input_ids=input_ids, output_hidden_states=want_states)
+        out = backbone_of(self.student)(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=want_states,
+        )
+        on_policy = attention_mask is not None
         all_valid = labels is None  # the blocks' own ids: every label is a token of the vocab
         if labels is None:
             labels = input_ids
@@ -108,7 +138,7 @@ class DistillModule(nn.Module):
                 t_hidden = teacher.hidden[:, :-1].reshape(-1, teacher.hidden.shape[-1])
                 t_head = teacher.head_weight
         result = self.logit_objective(
-            hidden, head, shifted, t_hidden, t_head, all_valid, teacher_topk=t_topk
+            hidden, head, shifted, t_hidden, t_head, all_valid, t_topk, on_policy
         )
         total, parts = result.total, dict(result.terms)
         if want_states:
@@ -136,8 +166,9 @@ class DistillModule(nn.Module):
         teacher_head: torch.Tensor | None = None,
         all_valid: bool = False,
         teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+        without_ce: bool = False,
     ):
-        """CE + logit terms (sums, a `ObjectiveOutput`) from final hidden states [N, H] and
+        """CE (unless `without_ce`) + logit terms (sums, a `ObjectiveOutput`) from final hidden states [N, H] and
         aligned labels [N], by the objective's path; the teacher is its final hidden states and
         head, or its cached top-k (log-probabilities, ids) [N, k]. `distill bench` also measures
         it alone."""
@@ -146,7 +177,7 @@ class DistillModule(nn.Module):
         terms, ce_weight = [], 1.0
         if objective is not None and (teacher_hidden is not None or teacher_topk is not None):
             terms = objective.terms  # the recipe's own terms: validated once, at load
-            ce_weight = objective.ce_weight
+            ce_weight = 0.0 if without_ce else objective.ce_weight
         if not terms:
             teacher_hidden = teacher_head = teacher_topk = None
         if objective is not None and objective.path == "naive":

@@ -28,10 +28,12 @@ from distill.run.context import (
     ref_config,
     ref_spec,
 )
+from distill.run.on_policy_stage import build_on_policy
 from distill.run.prune_stage import hidden_layer_map, keeps_sparsity
 from distill.run.quant_stages import _prepare_fake_quant
 from distill.runtime import distributed
 from distill.runtime.loop import TrainHooks
+from distill.runtime.on_policy import OnPolicy
 from distill.specs import ObjectiveSpec, QuantSpec
 from distill.teacher_cache.store import CachedTeacher
 
@@ -55,6 +57,8 @@ class TrainingRun:
     quant: QuantSpec | None
     """The fake-quantization scheme of a `qat` stage."""
     keeps_sparsity: bool
+    on_policy: OnPolicy | None = None
+    """The stage's on-policy steps (objective.on_policy), or None."""
 
 
 def assemble_training_run(
@@ -65,11 +69,13 @@ def assemble_training_run(
     objective_path: str | None = None,
     device: torch.device | None = None,
     cache: CachedTeacher | None = None,
+    prompts=None,
 ) -> TrainingRun:
     """Build a training stage. `acc` is the stage's Accelerator (None: one process, no DeepSpeed);
     `objective_path` replaces the objective's loss path (the benchmark compares them); `device`
     builds the models directly there (the benchmark; a run leaves placement to the loop);
-    `cache` replaces the teacher cache the stage names (the benchmark's, written in memory)."""
+    `cache` replaces the teacher cache the stage names (the benchmark's, written in memory);
+    `prompts` replaces the run's on-policy prompts (the benchmark's blocks)."""
     where = torch.device(device) if device is not None else nullcontext()
     with where, _whole_if_fresh(ctx, stage.model):
         student = load_ref(ctx, stage.model, "student")
@@ -102,9 +108,11 @@ def assemble_training_run(
     module = _objective_module(ctx, stage, student, teacher or teacher_in_loop, objective_path)
     if device is not None:
         module.to(device)
-    return TrainingRun(
+    run = TrainingRun(
         module, teacher_in_loop, teacher, teacher_name, placement, hooks, model_spec, quant, sparse
     )
+    run.on_policy = build_on_policy(ctx, stage, module, teacher or teacher_in_loop, prompts)
+    return run
 
 
 def frozen_teacher(ctx: RunContext, ref: TeacherRef | None, spec: TrainSpec, acc, name: str):

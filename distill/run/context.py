@@ -56,6 +56,8 @@ class RunContext:
     unverified: dict[str, dict] = field(default_factory=dict)
     """Stage name -> the files its record lists, for finished stages this process did not run:
     checked (size and sha256) when a later stage first reads that output."""
+    prompts: object = None
+    """On-policy prompts (a data.prompts.PromptSets), tokenized on first use."""
 
     @property
     def is_main(self) -> bool:

@@ -13,6 +13,7 @@ from distill.models import count_params, dir_size_bytes
 from distill.run.artifacts import load_artifact
 from distill.run.context import RunContext, earlier_stage, load_ref
 from distill.run.eval_sets import HELDOUT, eval_sets
+from distill.run.on_policy_stage import on_policy_metrics
 from distill.run.results import StageResult
 from distill.run.stage_output import _eval_spec, _float_scheme
 from distill.runtime import distributed
@@ -41,6 +42,8 @@ def evaluate_model(ctx: RunContext, model, spec: EvalSpec, teacher=None) -> dict
     if spec.lm_eval is not None:
         seq_len = ctx.data.eval.shape[1]
         metrics["lm_eval"] = lm_eval_scores(model, ctx.tokenizer, spec.lm_eval, seq_len, device)
+    if spec.on_policy is not None and teacher is not None and hasattr(model, "generate"):
+        metrics["on_policy"] = on_policy_metrics(ctx, model, teacher, spec.on_policy)
     if spec.latency:
         metrics["speed"] = generation_speed(model, ctx.data.eval[0, :16], spec.latency_tokens)
     return metrics
@@ -139,6 +142,12 @@ def _describe(name: str, metrics: dict) -> str:
     if "teacher" in metrics:
         parts.append(f"top-1 agreement {metrics['teacher']['top1_agreement']:.3f}")
     parts += [f"{key} {value:.3f}" for key, value in (metrics.get("lm_eval") or {}).items()]
+    if "on_policy" in metrics:
+        parts.append(f"teacher NLL of own samples {_num(metrics['on_policy']['sampled_nll'])}")
     if "speed" in metrics:
         parts.append(f"{metrics['speed']['tokens_per_s']:.1f} tok/s")
     return f"stage {name!r} evaluated in {metrics['eval_wall_s']:.1f} s: " + ", ".join(parts)
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.3f}"

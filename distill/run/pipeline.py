@@ -103,6 +103,8 @@ def stage_fingerprint(ctx: RunContext, stage) -> str:
     settings = stage.model_dump(mode="json")
     if ctx.max_steps is not None and "train" in settings:
         settings["train"]["max_steps"] = min(settings["train"]["max_steps"], ctx.max_steps)
+    if getattr(getattr(stage, "objective", None), "on_policy", None) is not None:
+        settings["prompts"] = ctx.recipe.data.model_dump(mode="json")["prompts"]  # what it samples
     upstream = [ref_fingerprint(ctx, stage.model)]
     teacher = getattr(stage, "teacher", None)
     if teacher is not None and teacher.model is not None:

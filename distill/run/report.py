@@ -59,6 +59,9 @@ def stage_table(entries: list[dict]) -> tuple[list[str], list[list[str]]]:
     header = ["stage", "kind", "from", "params", "size", "scheme"]
     header += [f"{name} ppl" for name in sets] or ["held-out ppl"]
     header += [f"vs {teacher or 'teacher'}", "vs from", "top-1 agree", "KL", *tasks]
+    on_policy = any((e.get("metrics") or {}).get("on_policy") for e in entries)
+    if on_policy:
+        header += ["teacher NLL sampled", "teacher NLL greedy", "gen share"]
     header += ["tok/s", "first token ms", "peak MiB", "steps", "wall s", "notes"]
     rows = []
     for i, e in enumerate(entries):
@@ -77,6 +80,8 @@ def stage_table(entries: list[dict]) -> tuple[list[str], list[list[str]]]:
         row += [_pct(ppl, heldout_perplexity(source) if source else None)]
         row += [_num(agree.get("top1_agreement"), 3), _num(agree.get("kl"), 4)]
         row += [_num((m.get("lm_eval") or {}).get(t), 3) for t in tasks]
+        if on_policy:
+            row += _on_policy_cells(m.get("on_policy") or {}, e.get("on_policy") or {})
         row += [_num(speed.get("tokens_per_s"), 1)]
         first = speed.get("time_to_first_token_s")
         row += [_num(first * 1000 if first is not None else None, 1)]
@@ -84,6 +89,17 @@ def stage_table(entries: list[dict]) -> tuple[list[str], list[list[str]]]:
         row += [_num(e.get("wall_s"), 1), _notes(e)]
         rows.append(row)
     return header, rows
+
+
+def _on_policy_cells(metrics: dict, training: dict) -> list[str]:
+    """The teacher's per-token NLL of the stage's own held-out completions, and the share of its
+    training time spent generating (on-policy stages)."""
+    share = training.get("generation_share")
+    return [
+        _num(metrics.get("sampled_nll"), 3),
+        _num(metrics.get("greedy_nll"), 3),
+        f"{share * 100:.0f} %" if share is not None else "-",
+    ]
 
 
 def _notes(entry: dict) -> str:

@@ -46,6 +46,9 @@ class StageResult:
     """Prune stages: what was removed (the prune record's details)."""
     fake_quant_after: int | None = None
     teacher_cache: str | None = None
+    on_policy: dict | None = None
+    """On-policy training stages: steps, generated tokens, generation vs training time, mean
+    completion length, the teacher's mean log-probability of the samples."""
     """Training stages: the offline teacher cache they read."""
     k: int | None = None
     """`cache-teacher` stages: top-k tokens stored per position."""

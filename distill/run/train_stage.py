@@ -80,6 +80,7 @@ def _train(ctx: RunContext, stage, run: TrainingRun, acc, spec, fingerprint: str
         eval_batch_size=_eval_spec(ctx, stage).batch_size,
         log=ctx.log,
         force_resume=ctx.force_resume,
+        on_policy=run.on_policy,
     )
     try:
         return train(job)
@@ -131,6 +132,8 @@ def _measure(ctx: RunContext, stage, run: TrainingRun, export, result: TrainResu
                 export, run.teacher_model, ctx.data.eval, 16, len(ctx.tokenizer)
             )
         extra.update(_recovery_extra(ctx, stage, metrics["perplexity"]))
+    if result.on_policy is not None:
+        extra["on_policy"] = result.on_policy
     if stage.teacher_cache is not None:
         extra["teacher_cache"] = stage.teacher_cache
     if run.keeps_sparsity:

@@ -28,6 +28,7 @@ from distill.faults import Faults, from_env
 from distill.files import writing
 from distill.models import causal_lm_of, is_partitioned
 from distill.objective.module import DistillModule, teacher_forward
+from distill.objective.on_policy import GeneratedBatch
 from distill.runtime.checkpoint import (
     SAVE_FIX,
     STATE,
@@ -45,6 +46,7 @@ from distill.runtime.checkpoint import (
 )
 from distill.runtime.distributed import register_head
 from distill.runtime.evaluate import heldout_metrics
+from distill.runtime.on_policy import OnPolicy
 from distill.runtime.signals import SignalWatch
 from distill.safe_load import load_tensors, weights_only
 from distill.teacher_cache.store import CachedTeacher
@@ -123,6 +125,8 @@ class TrainJob:
     eval_batch_size: int = 16
     log: Callable[[str], None] = print
     force_resume: bool = False
+    on_policy: OnPolicy | None = None
+    """The stage's on-policy steps (objective.on_policy), or None."""
 
 
 @dataclass
@@ -133,6 +137,8 @@ class TrainResult:
     eval: dict
     tokens_per_s: float
     skipped_steps: int = 0
+    on_policy: dict | None = None
+    """On-policy stages: steps, generated tokens, generation vs training time (OnPolicy.summary)."""
 
 
 def autocast_for(spec: TrainSpec, device: torch.device):
@@ -157,7 +163,7 @@ def train(job: TrainJob) -> TrainResult:
     )
     ckpt_root = job.stage_dir / "checkpoints"
     state = {"step": 0, "tokens": 0, "bad_steps": 0, "skipped_steps": 0}
-    _resume(job, acc, state, ckpt_root)
+    _restore_on_policy(job, state, _resume(job, acc, state, ckpt_root))
     _check_space(job, acc, ckpt_root, first_only=True)  # a first save must fit: known up front
     faults = from_env()
     autocast = autocast_for(spec, acc.device)
@@ -172,8 +178,7 @@ def train(job: TrainJob) -> TrainResult:
             if job.hooks.before_step:
                 job.hooks.before_step(step, acc.unwrap_model(module))
             lr = lr_at(step, spec)
-            blocks = [order.indices(step, a, acc.process_index) for a in range(spec.grad_accum)]
-            batches = [job.train_blocks[b].to(acc.device) for b in blocks]
+            blocks, batches, on_policy = _step_batches(job, acc, order, step, autocast)
             out = train_step(
                 acc,
                 module,
@@ -187,6 +192,7 @@ def train(job: TrainJob) -> TrainResult:
                 step,
                 blocks,
             )
+            _count_on_policy(job, on_policy)
             _after_step(job, acc, module, state, out, step, ckpt_root)
             if faults:
                 faults.after_step()
@@ -220,7 +226,33 @@ def train(job: TrainJob) -> TrainResult:
         eval=eval_metrics,
         tokens_per_s=tokens_run / max(wall, 1e-9),
         skipped_steps=state["skipped_steps"],
+        on_policy=job.on_policy.summary(state["step"]) if job.on_policy else None,
     )
+
+
+def _step_batches(job: TrainJob, acc, order: BatchOrder, step: int, autocast):
+    """(block indices, micro-batches, on-policy?): the step's blocks, or on an on-policy step the
+    student's own completions of the step's prompts, scored by the teacher."""
+    blocks = [order.indices(step, a, acc.process_index) for a in range(job.spec.grad_accum)]
+    if job.on_policy is not None:
+        job.on_policy.step_started()
+    if job.on_policy is not None and job.on_policy.wants(step):
+        gen = job.on_policy.batches(acc, job.teacher, step, job.spec, job.seed, autocast)
+        return blocks, gen, True
+    return blocks, [job.train_blocks[b].to(acc.device) for b in blocks], False
+
+
+def _count_on_policy(job: TrainJob, on_policy: bool) -> None:
+    """The step in the on-policy sums (its wall time: the generation vs training split)."""
+    if job.on_policy is not None:
+        job.on_policy.step_done(on_policy)
+
+
+def _restore_on_policy(job: TrainJob, state: dict, resumed: Path | None) -> None:
+    """The on-policy sums travel in the checkpoint's state (saved with `state`)."""
+    if job.on_policy is not None:
+        job.on_policy.restore(read_state(resumed) if resumed else {})
+        state["on_policy"] = job.on_policy.state()
 
 
 @dataclass
@@ -243,7 +275,7 @@ def train_step(
     module: nn.Module,
     optimizer: torch.optim.Optimizer,
     teacher: nn.Module | None,
-    batches: list[torch.Tensor],
+    batches: list[torch.Tensor | GeneratedBatch],
     spec: TrainSpec,
     lr: float,
     autocast,
@@ -265,7 +297,7 @@ def train_step(
     # Every token of the global step weighs the same, whatever the micro-batch or rank: each
     # backward gets sum/global_count, scaled back up for DDP's mean over ranks and accelerate's
     # division by grad_accum.
-    local_count = sum((mb[:, 1:] != -100).sum() for mb in batches)
+    local_count = sum(_label_count(mb) for mb in batches)
     global_count = int(acc.reduce(local_count, "sum"))
     scale = acc.num_processes * spec.grad_accum / max(global_count, 1)
     term_sums: dict[str, torch.Tensor] = {}
@@ -274,13 +306,15 @@ def train_step(
         if faults:
             faults.before_micro(step, micro)
         teacher_out = None
-        if isinstance(teacher, CachedTeacher):
+        if isinstance(mb, GeneratedBatch):  # scored by the teacher when it was generated
+            teacher_out = mb.teacher
+        elif isinstance(teacher, CachedTeacher):
             teacher_out = teacher.read(blocks[micro], mb.device, want_states)
         elif teacher is not None:
             teacher_out = teacher_forward(teacher, mb, want_states, autocast)
         with acc.accumulate(module):
             with autocast:
-                total, parts, _ = module(mb, teacher_out)
+                total, parts, _ = module(*_inputs(mb, teacher_out))
             if faults:
                 total = faults.poison(step, total)
             acc.backward(total * scale)
@@ -294,6 +328,17 @@ def train_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepOutput(loss, term_sums, grad_norm, global_count, finite)
+
+
+def _label_count(mb: torch.Tensor | GeneratedBatch) -> torch.Tensor:
+    return mb.label_count() if isinstance(mb, GeneratedBatch) else (mb[:, 1:] != -100).sum()
+
+
+def _inputs(mb: torch.Tensor | GeneratedBatch, teacher_out) -> tuple:
+    """DistillModule's arguments: a block batch, or a generated one with labels and mask."""
+    if isinstance(mb, GeneratedBatch):
+        return mb.input_ids, teacher_out, mb.labels, mb.attention_mask, mb.position_ids
+    return mb, teacher_out
 
 
 def _after_step(job: TrainJob, acc, module, state: dict, out: StepOutput, step: int, root) -> None:
@@ -332,6 +377,8 @@ def _log_step(job: TrainJob, acc, progress, order, state: dict, out: StepOutput,
     row["epoch"] = order.epoch_of(state["step"])
     if not out.finite:
         row["skipped"] = 1
+    if job.on_policy is not None:
+        row.update(job.on_policy.log_row(acc, state["step"]))
     job.tracker.log(row, step=state["step"])
     _report(acc, progress, row, state["step"], job.spec.max_steps, job.log)
     return now, state["tokens"]
