@@ -241,6 +241,9 @@ class EvalSpec(Section):
             raise ValueError(
                 "`heldout` is the training data's held-out split; name the set otherwise"
             )
+        empty = [name for name, source in value.items() if source == []]
+        if empty:
+            raise ValueError(f"eval set {empty[0]!r} lists no files; give files or globs")
         return value
 
 

@@ -8,6 +8,7 @@ import copy
 import difflib
 import glob
 import os
+import sysconfig
 import types
 import typing
 from collections.abc import Callable
@@ -378,15 +379,34 @@ def check_paths(recipe: Recipe) -> None:
         and not os.path.isdir(os.path.expanduser(tok.path))
     ):
         problems.append(f"  tokenizer.path: directory {tok.path!r} does not exist.")
-    for i, pattern in enumerate(recipe.data.files or []):
+    patterns = [(f"data.files.{i}", p) for i, p in enumerate(recipe.data.files or [])]
+    patterns += _eval_set_patterns(recipe)
+    for where, pattern in patterns:
         expanded = os.path.expanduser(pattern)
         if not glob.glob(expanded, recursive=True):
             problems.append(
-                f"  data.files.{i}: {pattern!r} matches no file; check the path or glob "
+                f"  {where}: {pattern!r} matches no file; check the path or glob "
                 "(relative paths are relative to the current directory)."
             )
     if problems:
         raise RecipeError("invalid recipe:\n" + "\n".join(problems))
+
+
+def _eval_set_patterns(recipe: Recipe) -> list[tuple[str, str]]:
+    """The file globs of every eval set (the recipe's and each stage's): a missing one would
+    fail only when the first stage is measured, after it trained."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    evals = [("eval", recipe.eval)] + [
+        (f"stages.{i}.eval", s.eval) for i, s in enumerate(recipe.stages)
+    ]
+    return [
+        (f"{where}.sets.{name}.{i}", pattern.replace("${stdlib}", stdlib))
+        for where, spec in evals
+        if spec is not None
+        for name, source in spec.sets.items()
+        if isinstance(source, list)
+        for i, pattern in enumerate(source)
+    ]
 
 
 def check_model_configs(recipe: Recipe) -> None:

@@ -320,6 +320,12 @@ RECIPE_CASES = {
         ["eval.position_buckets=128"],
         ["eval.position_buckets=128 must be below data.seq_len=128"],
     ),
+    # found only when the first stage is measured, after it trained
+    "eval-set-without-files": (["eval.sets.licence=[]"], ["eval set 'licence' lists no files"]),
+    "eval-set-matching-nothing": (
+        ["eval.sets.licence=[/no/such/*.txt]"],
+        ["eval.sets.licence.0: '/no/such/*.txt' matches no file"],
+    ),
     "export-group-size-not-served": (
         ["stages.ship-ptq.group_size=7"],
         ["group_size", "32, 64, 128"],
