@@ -7,11 +7,19 @@
 #
 # A USR1 sent to this script is passed on to the training processes (the launcher's children):
 # they finish the current step, save a checkpoint and exit with 75. The launcher (torchrun's agent)
-# does not forward USR1 and reports any non-zero worker exit as its own failure, so this script
-# exits with 75 itself when it passed a stop signal on and the launcher then failed.
+# does not forward USR1 and reports any non-zero worker exit as its own failure (exit code 1), so
+# distill's first process on this node writes how it really ended to DISTILL_EXIT_FILE (code=,
+# checkpoint=, phase= lines) and this script exits with that code.
+#
+# The launcher starts each worker in a session of its own; the workers stop by themselves when it
+# dies (they watch their parent), so stopping the job step (`scancel --signal=TERM --full JOBID`,
+# or killing this script's process group) leaves no worker behind.
 set -uo pipefail
 
 NODE_RANK=${SLURM_NODEID:-0}
+# DISTILL_EXIT_PREFIX comes from slurm/requeue.sh, which reads node 0's record
+export DISTILL_EXIT_FILE="${DISTILL_EXIT_PREFIX:-${TMPDIR:-/tmp}/distill-exit-$$}.node$NODE_RANK"
+rm -f "$DISTILL_EXIT_FILE"
 read -r -a extra_args <<<"${EXTRA_ARGS:-}"
 
 launch=(
@@ -47,7 +55,11 @@ while [ "$rc" -gt 128 ] && kill -0 "$launcher" 2>/dev/null; do
     wait "$launcher"  # `wait` returns early when a trapped signal arrives
     rc=$?
 done
-if [ "$stopping" = 1 ] && [ "$rc" -ne 0 ]; then
-    exit 75  # EXIT_PREEMPTED: a checkpoint was saved; the same command resumes from it
+recorded=$(sed -n 's/^code=//p' "$DISTILL_EXIT_FILE" 2>/dev/null)
+if [ -n "$recorded" ]; then
+    rc=$recorded  # what distill itself returned, not the launcher's summary of it
+elif [ "$stopping" = 1 ] && [ "$rc" -ne 0 ]; then
+    echo "[distill-slurm] node $NODE_RANK: asked to stop, and the training processes ended ($rc) without recording why (killed?); the newest valid checkpoint, if any, is where a rerun resumes" >&2
+    rc=75
 fi
 exit "$rc"

@@ -27,6 +27,7 @@ from distill.errors import CheckpointError, StopRequested, TrainingDiverged
 from distill.faults import Faults, from_env
 from distill.models import causal_lm_of, is_partitioned
 from distill.objective.module import DistillModule, teacher_forward
+from distill.runtime import signals as stop_signals
 from distill.runtime.checkpoint import (
     STATE,
     check_free_space,
@@ -42,7 +43,6 @@ from distill.runtime.checkpoint import (
 )
 from distill.runtime.distributed import register_head
 from distill.runtime.evaluate import heldout_metrics
-from distill.runtime.signals import SignalWatch
 from distill.teacher_cache.store import CachedTeacher
 from distill.tracking import Tracker
 
@@ -153,7 +153,7 @@ def train(job: TrainJob) -> TrainResult:
     )
     ckpt_root = job.stage_dir / "checkpoints"
     state = {"step": 0, "tokens": 0, "bad_steps": 0, "skipped_steps": 0}
-    _resume(job, acc, state, ckpt_root)
+    saved = _resume(job, acc, state, ckpt_root)  # the checkpoint of state["step"], if any
     faults = from_env()
     autocast = autocast_for(spec, acc.device)
     t0, tokens_at_t0 = time.perf_counter(), state["tokens"]
@@ -161,7 +161,8 @@ def train(job: TrainJob) -> TrainResult:
     eval_metrics: dict = {}
     progress = _progress(acc, spec.max_steps, state["step"])
 
-    with SignalWatch() as signals:
+    with stop_signals.watch() as signals:
+        stop_signals.enter_phase(stop_signals.TRAINING, job.stage_dir.name)
         while state["step"] < spec.max_steps:
             step = state["step"]
             if job.hooks.before_step:
@@ -195,18 +196,15 @@ def train(job: TrainJob) -> TrainResult:
                 eval_metrics = evaluate_heldout(job, module, autocast, spec.eval_batches)
                 job.tracker.log({f"eval/{k}": v for k, v in eval_metrics.items()}, state["step"])
             stop = _any(acc, signals.requested, acc.device)
+            saved = None  # a checkpoint of an earlier step
             if (spec.save_every and state["step"] % spec.save_every == 0) or stop:
-                path = save_checkpoint(job, acc, state, ckpt_root, faults)
+                saved = save_checkpoint(job, acc, state, ckpt_root, faults)
                 if stop:
                     _close_progress(progress)
-                    raise StopRequested(path)
-
-    _close_progress(progress)
-    wall = time.perf_counter() - t0
-    eval_metrics = evaluate_heldout(job, module, autocast, None)
-    job.tracker.log({f"eval/{k}": v for k, v in eval_metrics.items()}, state["step"])
-    if not (spec.save_every and state["step"] % spec.save_every == 0):
-        save_checkpoint(job, acc, state, ckpt_root, faults)
+                    raise StopRequested(saved)
+        _close_progress(progress)
+        wall = time.perf_counter() - t0
+        eval_metrics = _final_eval(job, acc, module, autocast, state, saved, faults)
     tokens_run = state["tokens"] - tokens_at_t0
     return TrainResult(
         steps=state["step"],
@@ -216,6 +214,18 @@ def train(job: TrainJob) -> TrainResult:
         tokens_per_s=tokens_run / max(wall, 1e-9),
         skipped_steps=state["skipped_steps"],
     )
+
+
+def _final_eval(job: TrainJob, acc, module, autocast, state: dict, saved, faults) -> dict:
+    """The held-out metrics of the trained student, after its weights are saved: a stop during
+    the eval (or the export after it) costs the rerun the eval and the export, not the training."""
+    if saved is None:
+        saved = save_checkpoint(job, acc, state, job.stage_dir / "checkpoints", faults)
+    stop_signals.enter_phase("final-eval", job.stage_dir.name)
+    metrics = evaluate_heldout(job, module, autocast, None)
+    job.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, state["step"])
+    stop_signals.stop_point(acc, checkpoint=saved)
+    return metrics
 
 
 @dataclass
