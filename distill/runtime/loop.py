@@ -201,7 +201,7 @@ def train(job: TrainJob) -> TrainResult:
                 saved = save_checkpoint(job, acc, state, ckpt_root, faults)
                 if stop:
                     _close_progress(progress)
-                    raise StopRequested(saved)
+                    raise StopRequested(saved, signals.where())
         _close_progress(progress)
         wall = time.perf_counter() - t0
         eval_metrics = _final_eval(job, acc, module, autocast, state, saved, faults)

@@ -133,23 +133,35 @@ def exit_with_launcher() -> None:
     dies: torchrun starts each worker in a session of its own, so killing the launcher's process
     group (or the launcher alone) would leave them training beside the next run.
 
-    Linux: `PR_SET_PDEATHSIG` makes the kernel send SIGTERM the moment the launcher dies, which
-    the watch turns into checkpoint-and-stop. A daemon thread polling the parent pid each second
-    covers what prctl cannot: other systems (it sends the SIGTERM itself), and a worker that
-    cannot reach its next safe point because a peer is gone (blocked in a collective): it exits
-    at once `DISTILL_ORPHAN_GRACE_S` (120) s after its launcher died.
+    When the launcher is gone the worker sends itself one SIGTERM, which the watch turns into
+    checkpoint-and-stop (before the watch is installed: the default, exit at once). Linux tells it
+    at once: `PR_SET_PDEATHSIG`, with SIGUSR2 rather than SIGTERM because the kernel sends it again
+    as each of the dying launcher's threads exits, which the watch would take for a second signal.
+    A daemon thread polling the parent pid each second covers other systems, and a worker that
+    cannot reach its next safe point because a peer is gone (blocked in a collective): it exits at
+    once `DISTILL_ORPHAN_GRACE_S` (120) s after its launcher died.
     """
     if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
         return  # a command started by a shell or a scheduler directly: nohup must keep working
+    if threading.current_thread() is not threading.main_thread():
+        return
     parent = os.getppid()
-    pdeathsig = _set_pdeathsig(signal.SIGTERM)
+    told = []
+
+    def launcher_gone(*_) -> None:
+        if not told:
+            told.append(True)
+            print("distill: the launcher is gone; stopping", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGUSR2, launcher_gone)
+    _set_pdeathsig(signal.SIGUSR2)
     grace = float(os.environ.get(ORPHAN_GRACE_ENV, "120"))
 
     def poll() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
-        if not pdeathsig:
-            os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGUSR2)  # the handler runs in the main thread, once
         time.sleep(grace)
         print("distill: the launcher is gone and this worker did not stop; exiting", flush=True)
         os._exit(EXIT_INTERRUPTED)
