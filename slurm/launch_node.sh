@@ -5,15 +5,16 @@
 # Reads RECIPE, ACCELERATE_CONFIG, GPUS_PER_NODE, NNODES, MASTER_ADDR, MASTER_PORT and EXTRA_ARGS
 # from the batch script, and the node's rank from this node's own SLURM_NODEID.
 #
-# A USR1 sent to this script is passed on to the training processes (the launcher's children):
-# they finish the current step, save a checkpoint and exit with 75. The launcher (torchrun's agent)
+# A USR1 or TERM sent to this script is passed on to the training processes (the launcher's
+# children): they finish the current step, save a checkpoint and exit with 75 (several copies of
+# one stop, e.g. from `scancel --full` and the launcher, count once). The launcher (torchrun's agent)
 # does not forward USR1 and reports any non-zero worker exit as its own failure (exit code 1), so
 # distill's first process on this node writes how it really ended to DISTILL_EXIT_FILE (code=,
 # checkpoint=, phase= lines) and this script exits with that code.
 #
 # The launcher starts each worker in a session of its own; the workers stop by themselves when it
-# dies (they watch their parent), so stopping the job step (`scancel --signal=TERM --full JOBID`,
-# or killing this script's process group) leaves no worker behind.
+# dies (they watch their parent), so killing the launcher or this script's process group leaves no
+# worker behind. To stop a job: `scancel --batch --signal=TERM JOBID` (see slurm/requeue.sh).
 set -uo pipefail
 
 NODE_RANK=${SLURM_NODEID:-0}
@@ -41,10 +42,11 @@ stopping=0
 # shellcheck disable=SC2317  # called by the trap below
 forward_stop() {
     stopping=1
-    echo "[distill-slurm] node $NODE_RANK: USR1, asking the training processes to checkpoint" >&2
-    pkill -USR1 -P "$launcher" 2>/dev/null || true
+    echo "[distill-slurm] node $NODE_RANK: $1, asking the training processes to checkpoint" >&2
+    pkill "-$1" -P "$launcher" 2>/dev/null || true
 }
-trap forward_stop USR1
+trap 'forward_stop USR1' USR1
+trap 'forward_stop TERM' TERM
 
 echo "[distill-slurm] node $NODE_RANK ($(hostname)): ${launch[*]}" >&2
 "${launch[@]}" &

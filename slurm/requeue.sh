@@ -7,6 +7,10 @@
 # same recipe again: `train.resume: auto` continues from the newest checkpoint and finished stages
 # are skipped. MAX_REQUEUES bounds the loop (Slurm counts restarts in SLURM_RESTART_COUNT).
 #
+# To stop a job for good: `scancel --batch --signal=TERM JOBID`. TERM is passed on like USR1 (every
+# node's training processes save a checkpoint and exit 75) and the job is not requeued; submitting
+# it again resumes. (A plain `scancel JOBID` stops it too, within Slurm's KillWait.)
+#
 # What is reported comes from node 0's exit record (slurm/launch_node.sh): 75 with a checkpoint
 # (training resumes from it), 75 before or outside training (nothing lost, the phase runs again),
 # 130 (stopped at once), 2 (bad input), 3 (a gate failed), 1 (diverged or crashed).
@@ -43,7 +47,9 @@ run_requeueable() {
     export DISTILL_EXIT_PREFIX="${DISTILL_EXIT_PREFIX:-${TMPDIR:-/tmp}/distill-exit-${SLURM_JOB_ID:-0}-$$}"
     rm -f "$DISTILL_EXIT_PREFIX".node*
     requeue_stopping=0
+    requeue_cancelled=0
     trap 'requeue_stopping=1; echo "[distill-slurm] USR1: time limit near, checkpoint and requeue" >&2; kill -USR1 "$requeue_child" 2>/dev/null' USR1
+    trap 'requeue_stopping=1; requeue_cancelled=1; echo "[distill-slurm] TERM: checkpoint and stop (not requeued)" >&2; kill -TERM "$requeue_child" 2>/dev/null' TERM
     "$@" &
     requeue_child=$!
     wait "$requeue_child"
@@ -52,7 +58,12 @@ run_requeueable() {
         wait "$requeue_child"  # `wait` returns early when a trapped signal arrives
         rc=$?
     done
-    trap - USR1
+    trap - USR1 TERM
+    if [ "$requeue_cancelled" = 1 ]; then
+        echo "[distill-slurm] $(if [ "$rc" -eq 75 ]; then stop_report; else failure_report "$rc"; fi); stopped on request, not requeued: submit the job again to resume" >&2
+        rm -f "$DISTILL_EXIT_PREFIX".node*
+        return "$rc"
+    fi
     if [ "$rc" -eq 75 ] || { [ "$requeue_stopping" = 1 ] && [ "$rc" -ne 0 ] && [ -z "$(exit_record code)" ]; }; then
         local restarts=${SLURM_RESTART_COUNT:-0} stopped
         stopped=$(stop_report)

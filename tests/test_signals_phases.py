@@ -9,8 +9,10 @@ deterministically with `DISTILL_FAULT=term_in_phase=<phase>`, which sends the SI
 """
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -93,12 +95,11 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_the_slurm_wrapper_reports_what_really_happened(tmp_path, case):
-    record, job_rc, said = CASES[case]
+def fake_job(tmp_path, record: str, accelerate: str = FAKE_ACCELERATE) -> dict:
+    """The environment of single_node.sbatch with test doubles for the launcher and scontrol."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("accelerate", FAKE_ACCELERATE), ("scontrol", FAKE_SCONTROL)):
+    for name, text in (("accelerate", accelerate), ("scontrol", FAKE_SCONTROL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     env = {
@@ -114,6 +115,13 @@ def test_the_slurm_wrapper_reports_what_really_happened(tmp_path, case):
         "ACCELERATE_CONFIG": "launch/cpu_ddp.yaml",
     }
     env.pop("SLURM_RESTART_COUNT", None)
+    return env
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_slurm_wrapper_reports_what_really_happened(tmp_path, case):
+    record, job_rc, said = CASES[case]
+    env = fake_job(tmp_path, record)
     job = subprocess.run(
         ["bash", "slurm/single_node.sbatch"], cwd=ROOT, env=env, capture_output=True, text=True
     )
@@ -123,3 +131,37 @@ def test_the_slurm_wrapper_reports_what_really_happened(tmp_path, case):
     requeued = (tmp_path / "calls.log").is_file()
     assert requeued == (job_rc == 0)
     assert not list(tmp_path.glob("distill-exit-*"))  # the records are removed
+
+
+FAKE_WORKER_LAUNCHER = r"""#!/bin/bash
+# Test double for `accelerate launch` whose one worker trains until a TERM reaches it, then
+# records a checkpoint and exits 75 (as distill does); the launcher exits 1 (as torchrun does)
+bash -c 'trap "printf \"%b\" \"\$FAKE_RECORD\" >\"\$DISTILL_EXIT_FILE\"; exit 75" TERM
+touch "$FAKE_READY"; while :; do sleep 0.1; done' &
+wait $!
+exit 1
+"""
+
+
+def test_scancel_batch_term_checkpoints_every_worker_and_does_not_requeue(tmp_path):
+    record = "code=75\\ncheckpoint=/r/base/checkpoints/step_2\\nphase=training\\n"
+    env = fake_job(tmp_path, record, FAKE_WORKER_LAUNCHER)
+    env["FAKE_READY"] = str(tmp_path / "ready")
+    job = subprocess.Popen(
+        ["bash", "slurm/single_node.sbatch"],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 30
+    while not (tmp_path / "ready").exists():
+        assert job.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)  # what `scancel --batch --signal=TERM` sends
+    _, err = job.communicate(timeout=30)
+    assert job.returncode == 75, err
+    assert "TERM, asking the training processes to checkpoint" in err
+    assert "training resumes from /r/base/checkpoints/step_2" in err
+    assert "stopped on request, not requeued" in err
+    assert not (tmp_path / "calls.log").exists()  # no scontrol requeue

@@ -1,7 +1,9 @@
 """SIGTERM/SIGUSR1 in every phase of a run: the first one asks for a stop, honoured at the next
 safe point (the training loop's next optimizer step, which saves a checkpoint first; elsewhere the
 next phase boundary, which leaves nothing unfinished marked done); both end with exit 75 (run again
-to resume). A second one exits at once (130).
+to resume). A second one exits at once (130), unless it comes within REPEAT_WINDOW_S of the first:
+that is the same stop delivered twice (`scancel` signals every process of a job step, and the
+launcher passes its own copy on to its workers).
 
 One watch serves the whole command: the outermost caller installs it (`distill run`, `distill
 data`) and inner ones (the training loop) reuse it, so no phase falls back to the default action
@@ -22,6 +24,7 @@ from pathlib import Path
 from distill.errors import EXIT_INTERRUPTED, StopRequested
 
 TRAINING = "training"
+REPEAT_WINDOW_S = 3.0
 
 
 class SignalWatch:
@@ -31,6 +34,7 @@ class SignalWatch:
 
     def __init__(self):
         self.requested = False
+        self._first_at = 0.0
         self.phase, self.stage = "setup", None
         self._previous = {}
 
@@ -44,9 +48,11 @@ class SignalWatch:
 
     def _handle(self, signum, frame):
         if self.requested:
+            if time.monotonic() - self._first_at < REPEAT_WINDOW_S:
+                return
             print("distill: second signal, exiting now", file=sys.stderr, flush=True)
             os._exit(EXIT_INTERRUPTED)
-        self.requested = True
+        self.requested, self._first_at = True, time.monotonic()
         then = (
             "saving a checkpoint after this step"
             if self.phase == TRAINING
