@@ -92,8 +92,9 @@ def watch() -> Iterator[SignalWatch]:
 
 def enter_phase(name: str, stage: str | None = None) -> None:
     """Name the phase now running (for the messages), and fire a `term_in_phase` fault there.
-    Phases: data, training, final-eval, export (a training stage's model dir, or an export
-    stage), measure (a stage's eval metrics), prune, ptq, cache-teacher, evaluate, report."""
+    Phases: data, setup (a training stage before its loop), training, final-eval, export (a
+    training stage's model dir, or an export stage), measure (a stage's eval metrics), prune, ptq,
+    cache-teacher, evaluate, report."""
     if _active is not None:
         _active.phase, _active.stage = name, stage
     if "DISTILL_FAULT" in os.environ:
