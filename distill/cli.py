@@ -213,20 +213,45 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from distill.errors import EXIT_INTERRUPTED, DistillError, StopRequested
+    from distill.runtime.signals import exit_with_launcher
 
+    exit_with_launcher()
+    code, stop = 1, None  # an exception none of these takes ends Python with 1
     try:
-        return COMMANDS[args.command](args)
-    except StopRequested as stop:
+        code = COMMANDS[args.command](args)
+    except StopRequested as err:
         if _is_main_rank():
-            print(f"distill: {stop}", file=sys.stderr)
-        return stop.exit_code
+            print(f"distill: {err}", file=sys.stderr)
+        code, stop = err.exit_code, err
     except DistillError as err:
         print(f"distill: error: {err}", file=sys.stderr)
-        return err.exit_code
+        code = err.exit_code
     except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+        code = EXIT_INTERRUPTED
     finally:
         _leave_process_group()
+        _record_exit(code, stop)
+    return code
+
+
+EXIT_FILE_ENV = "DISTILL_EXIT_FILE"
+
+
+def _record_exit(code: int, stop) -> None:
+    """How the command ended, for a wrapper that cannot see it (torchrun reports any worker's
+    failure as its own exit code 1): written by each node's first process, to DISTILL_EXIT_FILE
+    when set (slurm/launch_node.sh sets it), as `key=value` lines."""
+    path = os.environ.get(EXIT_FILE_ENV)
+    if not path or int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return
+    lines = [f"code={code}"]
+    if stop is not None:
+        lines += [f"checkpoint={stop.checkpoint or ''}", f"phase={stop.phase or ''}"]
+    try:
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    except OSError as err:
+        print(f"distill: could not record the exit code in {path}: {err}", file=sys.stderr)
 
 
 def _leave_process_group() -> None:
@@ -286,8 +311,13 @@ def _is_main_rank() -> bool:
 
 def cmd_data(args) -> int:
     from distill.data.prepare import run_data_command
+    from distill.run.lock import hold_output_lock
+    from distill.runtime.signals import watch
 
-    return run_data_command(_load(args), verify=args.verify)
+    recipe = _load(args)
+    log = lambda message: print(f"[distill] {message}", file=sys.stderr, flush=True)  # noqa: E731
+    with watch(), hold_output_lock(recipe.resolved_output_dir, None, log):
+        return run_data_command(recipe, verify=args.verify)
 
 
 def cmd_check(args) -> int:

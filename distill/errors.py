@@ -96,13 +96,22 @@ class GateFailed(DistillError):
 
 
 class StopRequested(DistillError):
-    """Raised after a signal-triggered checkpoint; run the same command again to resume."""
+    """Stopped by SIGTERM/SIGUSR1 at a safe point (after a checkpoint, or at a phase boundary with
+    nothing unfinished marked done); run the same command again to resume."""
 
     exit_code = EXIT_PREEMPTED
 
-    def __init__(self, checkpoint: Path | None):
+    def __init__(self, checkpoint: Path | None, phase: str | None = None):
+        during = f" during {phase}" if phase else ""
+        if checkpoint is not None:
+            text = f"stopped by signal{during}; checkpoint {checkpoint}"
+        else:
+            text = f"stopped by signal{during}; nothing unfinished was marked done"
         super().__init__(
-            f"stopped by signal; checkpoint {checkpoint}. Run the same command again to resume "
-            f"(exit code {EXIT_PREEMPTED})."
+            f"{text}. Run the same command again to resume (exit code {EXIT_PREEMPTED})."
         )
-        self.checkpoint = checkpoint
+        self.checkpoint, self.phase = checkpoint, phase
+
+
+class OutputDirBusy(DistillError):
+    """Another `distill` process holds the output folder's lock; the message names it."""

@@ -11,6 +11,8 @@ point, in training and in data preparation. Installed only when the DISTILL_FAUL
     DISTILL_FAULT=kill_after_store_shard=2 SIGKILL itself once the 2nd token-store shard is written
     DISTILL_FAULT=term_after_store_shard=2 SIGTERM itself at that point instead
     DISTILL_FAULT=kill_after_cache_shard=1 SIGKILL itself once teacher-cache shard 1 is written
+    DISTILL_FAULT=term_in_phase=final-eval SIGTERM itself as that phase starts (a phase name of
+                                           distill.runtime.signals: data, final-eval, export, ...)
 
 Several faults are separated by commas.
 """
@@ -68,6 +70,10 @@ class Faults:
     def after_step(self) -> None:
         if "step_sleep" in self.settings:
             time.sleep(float(self.settings["step_sleep"]))
+
+    def in_phase(self, name: str) -> None:
+        if self.settings.get("term_in_phase") == name:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def after_store_shard(self, count: int) -> None:
         if self.settings.get("kill_after_store_shard") == str(count):

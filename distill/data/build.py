@@ -20,7 +20,7 @@ from distill.data.documents import BadInput, iter_documents
 from distill.data.identity import backend_json
 from distill.data.store import StoreWriter, token_dtype
 from distill.data.tokenize import EncoderSpec, TokenizedBatch, tokenized_batches
-from distill.errors import RecipeError
+from distill.errors import RecipeError, StopRequested
 
 
 def build_store(
@@ -45,7 +45,7 @@ def build_store(
     bad = BadInput(spec.on_error)
     writer = StoreWriter(store_dir, dtype, spec.shard_tokens)
     try:
-        with _sigterm_interrupts():
+        with _signals_stop_the_build():
             batches = tokenized_batches(iter_documents(spec, bad), encoder, num_proc)
             chars = _write_splits(batches, writer)
             with writer.writing():
@@ -127,21 +127,33 @@ def _cores() -> int:
     return os.cpu_count() or 1
 
 
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM stops the build like Ctrl-C: the partial store is removed, the workers stopped."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
+
+@contextlib.contextmanager
+def _signals_stop_the_build() -> Iterator[None]:
+    """SIGTERM/SIGUSR1 stop the build at once (a store is rebuilt whole, so nothing is worth
+    finishing): the partial store is removed, the workers stopped, exit 75 (StopRequested) like
+    every other phase; Ctrl-C the same with 130. A stop asked for before the build (the command's
+    signal watch, see runtime/signals.py, noted it) stops it before it starts."""
+
+    def stop(signum, frame):
+        raise StopRequested(None, "data preparation (the token store build)")
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     try:
+        # duck-typed: the data layer does not import the runtime's watch
+        if any(
+            getattr(getattr(h, "__self__", None), "requested", False) for h in previous.values()
+        ):
+            stop(signal.SIGTERM, None)
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class PeakRss:

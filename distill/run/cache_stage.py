@@ -25,6 +25,7 @@ from distill.run.cache_source import CACHE_DIR, blocks_needed, run_identity
 from distill.run.context import RunContext, ref_fingerprint, stage_dir
 from distill.run.results import StageResult
 from distill.run.stage_output import _heldout
+from distill.runtime import signals
 from distill.runtime.distributed import make_accelerator
 from distill.runtime.loop import autocast_for
 from distill.teacher_cache.encoding import ENCODING, encode_topk
@@ -60,6 +61,8 @@ def run_cache_stage(ctx: RunContext, stage, fingerprint: str) -> StageResult:
     for index in range(acc.process_index, num_shards, acc.num_processes):
         if finished_shard(root, index) is not None:
             continue
+        if signals.requested():  # the shards written are kept: the rerun resumes after them
+            break
         first = index * spec.shard_blocks
         rows = blocks[first : first + spec.shard_blocks]
         ids = ctx.data.train[torch.from_numpy(rows)]
@@ -69,6 +72,7 @@ def run_cache_stage(ctx: RunContext, stage, fingerprint: str) -> StageResult:
         if faults:
             faults.after_cache_shard(index)
     acc.wait_for_everyone()
+    signals.stop_point(acc)
     wall_s = time.perf_counter() - t0
     shards = [finished_shard(root, index) for index in range(num_shards)]
     if any(shard is None for shard in shards):

@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from distill.config import EvalSpec
+from distill.errors import StopRequested
 from distill.models import count_params, dir_size_bytes
 from distill.run.artifacts import load_artifact
 from distill.run.context import RunContext, earlier_stage, load_ref
@@ -16,7 +18,7 @@ from distill.run.eval_sets import HELDOUT, eval_sets
 from distill.run.on_policy_stage import on_policy_metrics
 from distill.run.results import StageResult
 from distill.run.stage_output import _eval_spec, _float_scheme
-from distill.runtime import distributed
+from distill.runtime import distributed, signals
 from distill.runtime.eval_metrics import score_blocks
 from distill.runtime.evaluate import generation_speed
 from distill.runtime.lm_eval_tasks import lm_eval_scores
@@ -27,6 +29,7 @@ def evaluate_model(ctx: RunContext, model, spec: EvalSpec, teacher=None) -> dict
     device = next(model.parameters()).device
     metrics: dict = {"sets": {}}
     for name, blocks in eval_sets(ctx, spec).items():
+        signals.stop_point()  # one process evaluates (see _main_then_broadcast)
         scored = score_blocks(
             model,
             blocks,
@@ -40,6 +43,7 @@ def evaluate_model(ctx: RunContext, model, spec: EvalSpec, teacher=None) -> dict
             metrics["teacher"] = scored.pop("teacher")
         metrics["sets"][name] = scored
     if spec.lm_eval is not None:
+        signals.stop_point()
         seq_len = ctx.data.eval.shape[1]
         metrics["lm_eval"] = lm_eval_scores(model, ctx.tokenizer, spec.lm_eval, seq_len, device)
     if spec.on_policy is not None and teacher is not None and hasattr(model, "generate"):
@@ -63,10 +67,23 @@ def _main_then_broadcast(ctx: RunContext, compute: Callable[[], object]):
     """`compute()` on the main process, its value on every rank (one process evaluates)."""
     from accelerate.utils import broadcast_object_list
 
-    value = [compute() if ctx.is_main else None]
-    if ctx.accelerator is not None and ctx.accelerator.num_processes > 1:
+    several = ctx.accelerator is not None and ctx.accelerator.num_processes > 1
+    try:
+        value = [compute() if ctx.is_main else None]
+    except StopRequested as stop:
+        if not several:
+            raise
+        value = [_Stopped(stop.phase)]  # the others wait in the broadcast: they stop too
+    if several:
         broadcast_object_list(value)
+    if isinstance(value[0], _Stopped):
+        raise StopRequested(None, value[0].phase)
     return value[0]
+
+
+@dataclass
+class _Stopped:
+    phase: str | None
 
 
 def _evaluate_dir(ctx: RunContext, stage, model_dir: str | None, source: str) -> dict:

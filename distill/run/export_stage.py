@@ -30,6 +30,7 @@ from distill.run.context import RunContext, earlier_stage, stage_dir
 from distill.run.quant_stages import QUANT_FILE
 from distill.run.results import StageResult
 from distill.run.stage_output import _eval_spec, _heldout, _latency
+from distill.runtime import signals
 from distill.targets import CT_GROUP_SIZES
 
 RESULT_FILE = "exports.json"
@@ -117,6 +118,8 @@ def run_export_stage(ctx: RunContext, stage, fingerprint: str) -> StageResult:
     if ctx.is_main:
         exports = []
         for fmt in stage.formats:
+            if signals.requested():  # the formats written so far are redone by the rerun
+                break
             result = export_model(
                 source,
                 out / "export" / fmt,
@@ -128,8 +131,10 @@ def run_export_stage(ctx: RunContext, stage, fingerprint: str) -> StageResult:
             exports.append(_measure(ctx, stage, result))
             ppl = {name: r["perplexity"] for name, r in exports[-1]["runtimes"].items()}
             ctx.log(f"{fmt}: {result.size_bytes / 2**20:.2f} MiB, perplexity {ppl}")
-        atomic_write(out / RESULT_FILE, json.dumps(exports, indent=2))
+        else:
+            atomic_write(out / RESULT_FILE, json.dumps(exports, indent=2))
     ctx.accelerator.wait_for_everyone()
+    signals.stop_point(ctx.accelerator)
     exports = json.loads((out / RESULT_FILE).read_text())
     first = exports[0]
     measured = first["runtimes"]["transformers"]

@@ -15,7 +15,7 @@ import shutil
 import time
 
 from distill.config import TRAINING_KINDS, Recipe
-from distill.errors import RecipeError
+from distill.errors import RecipeError, StopRequested
 from distill.files import atomic_write
 from distill.manifest import path_identity
 from distill.recipe_file import recipe_to_yaml
@@ -35,6 +35,7 @@ from distill.run.eval_sets import set_identity
 from distill.run.evaluate_stage import run_evaluate_stage, stage_metrics
 from distill.run.export_stage import run_export_stage
 from distill.run.gates import check_gates
+from distill.run.lock import hold_output_lock
 from distill.run.prepare import prepare_tokenizer_and_data
 from distill.run.prune_stage import keeps_sparsity, run_prune_stage
 from distill.run.quant_stages import run_ptq_stage
@@ -42,7 +43,8 @@ from distill.run.report import write_report, write_summary
 from distill.run.results import StageResult
 from distill.run.stage_output import _eval_spec
 from distill.run.train_stage import run_training_stage
-from distill.runtime import distributed
+from distill.runtime import distributed, signals
+from distill.runtime.checkpoint import list_checkpoints
 from distill.runtime.distributed import check_launch, check_same_recipe
 
 
@@ -63,10 +65,19 @@ def run_recipe(
     # several processes must agree on the recipe, and the launch must suit every stage of it
     check_same_recipe(ctx.accelerator, f"{_recipe_yaml(recipe)}\nmax_steps={max_steps}")
     check_launch(ctx.accelerator, recipe, lambda stage: keeps_sparsity(recipe, stage))
+    # one watch for every phase, and one run per output folder, until the last line
+    with signals.watch(), hold_output_lock(ctx.out_dir, ctx.accelerator, ctx.log):
+        return _run_stages(ctx, until)
+
+
+def _run_stages(ctx: RunContext, until: str | None) -> list[StageResult]:
+    recipe = ctx.recipe
+    signals.enter_phase("data")
     if ctx.is_main:
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(ctx.out_dir / "recipe.yaml", _recipe_yaml(recipe))
     prepare_tokenizer_and_data(ctx)
+    signals.stop_point(ctx.accelerator)
     names = [stage.name for stage in recipe.stages]
     if until is not None and until not in names:
         raise RecipeError(f"stage {until!r} is not in the recipe (stages: {', '.join(names)})")
@@ -77,6 +88,7 @@ def run_recipe(
             write_summary(
                 ctx.out_dir / "summary.json", [summary_entry(ctx, r) for r in ctx.results]
             )
+    signals.enter_phase("report")  # cheap, and every stage is done: finished even when stopped
     if ctx.is_main:
         entries = [summary_entry(ctx, r) for r in ctx.results]
         report = write_report(ctx.out_dir, recipe.name, entries, recipe.tracking.wandb)
@@ -150,7 +162,9 @@ def run_stage(ctx: RunContext, stage) -> StageResult:
                 shutil.rmtree(previous)
             stage_dir(ctx, stage.name).rename(previous)
         ctx.accelerator.wait_for_everyone()
+    signals.stop_point(ctx.accelerator, f"stage {stage.name!r}, before it started")
     ctx.log(f"stage {stage.name!r} ({stage.kind}) starting")
+    signals.enter_phase(stage.kind if stage.kind not in TRAINING_KINDS else "setup", stage.name)
     if ctx.is_main:
         stage_dir(ctx, stage.name).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -162,6 +176,8 @@ def run_stage(ctx: RunContext, stage) -> StageResult:
     # every model a stage writes, measured as served (`evaluate` measures itself; a teacher cache
     # holds no model)
     if result.metrics is None and stage.kind != "cache-teacher":
+        _abandon_if_stopped(ctx, stage)  # the eval can be long: the rerun redoes the stage's end
+        signals.enter_phase("measure", stage.name)
         result.metrics = stage_metrics(ctx, stage, result)
     if stage.compare_to:
         result.compare_to = stage.compare_to
@@ -175,6 +191,15 @@ def run_stage(ctx: RunContext, stage) -> StageResult:
         )
     ctx.accelerator.wait_for_everyone()
     return result
+
+
+def _abandon_if_stopped(ctx: RunContext, stage) -> None:
+    """A safe point inside a stage: stopped here, it is not marked done; a training stage resumes
+    from its last checkpoint (saved before its final eval), the others run again."""
+    if signals.stop_agreed(ctx.accelerator):
+        saved = list_checkpoints(stage_dir(ctx, stage.name) / "checkpoints")
+        where = f"stage {stage.name!r} (not marked done)"
+        raise StopRequested(saved[-1] if saved else None, where)
 
 
 RUNNERS = {

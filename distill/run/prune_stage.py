@@ -23,6 +23,7 @@ from distill.run.context import (
 from distill.run.report import recovered_fraction
 from distill.run.results import StageResult
 from distill.run.stage_output import _entry, _export, _heldout, _latency
+from distill.runtime import signals
 from distill.runtime.loop import autocast_for
 
 
@@ -35,12 +36,14 @@ def run_prune_stage(ctx: RunContext, stage, fingerprint: str) -> StageResult:
     model.to(ctx.accelerator.device)
     autocast = _upstream_autocast(ctx, stage.model)
     before = _heldout(ctx, model, stage, autocast)
+    signals.stop_point(ctx.accelerator)
     try:
         result = prune_model(model, p, _calibration_batches(ctx, p.calibration_batches))
     except SettingError as err:  # sizes only known once the model is loaded (heads, layers, m)
         raise err.named(lambda key: f"prune.{key}", f"stage {stage.name!r}: ") from None
     except ValueError as err:
         raise RecipeError(f"stage {stage.name!r}: {err}") from None
+    signals.stop_point(ctx.accelerator)
     metrics = _heldout(ctx, model, stage, autocast)
     out = model_dir(ctx, stage.name)
     record = result.record(source=stage.model)

@@ -14,6 +14,7 @@ from distill.run.context import RunContext, check_model_against_tokenizer, load_
 from distill.run.report import recovered_fraction
 from distill.run.results import StageResult
 from distill.run.stage_output import _entry, _export, _heldout
+from distill.runtime import signals
 
 QUANT_FILE = "distill_quant.json"
 
@@ -50,6 +51,7 @@ def run_ptq_stage(ctx: RunContext, stage, fingerprint: str) -> StageResult:
     check_model_against_tokenizer(ctx, stage.model, model, f"model {stage.model!r}")
     scheme = stage.quant
     before = _heldout(ctx, model, stage)  # full precision, measured the same way
+    signals.stop_point(ctx.accelerator)
     _prepare_fake_quant(stage, model, scheme)
     set_fake_quant_enabled(model, True)
     metrics = _heldout(ctx, model, stage)

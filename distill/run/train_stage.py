@@ -18,7 +18,7 @@ from distill.run.prune_stage import _recovery_extra
 from distill.run.quant_stages import QUANT_FILE, _qat_extra
 from distill.run.results import StageResult
 from distill.run.stage_output import _capped, _entry, _eval_spec, _export, _heldout, _latency
-from distill.runtime import distributed
+from distill.runtime import distributed, signals
 from distill.runtime.checkpoint import find_latest_valid, read_state
 from distill.runtime.distributed import make_accelerator
 from distill.runtime.evaluate import teacher_agreement
@@ -37,6 +37,7 @@ def run_training_stage(ctx: RunContext, stage, fingerprint: str) -> StageResult:
         distributed.configure_deepspeed(acc, spec, ref_config(ctx, stage.model).hidden_size)
     run = assemble_training_run(ctx, stage, spec, acc)
     result = _train(ctx, stage, run, acc, spec, fingerprint)
+    signals.enter_phase("export", stage.name)
     export, out, fake_quant_metrics = _export_student(ctx, stage, run, acc)
     metrics, extra = _measure(ctx, stage, run, export, result, fake_quant_metrics)
     return _entry(

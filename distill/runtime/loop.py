@@ -29,6 +29,7 @@ from distill.files import writing
 from distill.models import causal_lm_of, is_partitioned
 from distill.objective.module import DistillModule, teacher_forward
 from distill.objective.on_policy import GeneratedBatch
+from distill.runtime import signals as stop_signals
 from distill.runtime.checkpoint import (
     SAVE_FIX,
     STATE,
@@ -47,7 +48,6 @@ from distill.runtime.checkpoint import (
 from distill.runtime.distributed import register_head
 from distill.runtime.evaluate import heldout_metrics
 from distill.runtime.on_policy import OnPolicy
-from distill.runtime.signals import SignalWatch
 from distill.safe_load import load_tensors, weights_only
 from distill.teacher_cache.store import CachedTeacher
 from distill.tracking import Tracker
@@ -163,7 +163,8 @@ def train(job: TrainJob) -> TrainResult:
     )
     ckpt_root = job.stage_dir / "checkpoints"
     state = {"step": 0, "tokens": 0, "bad_steps": 0, "skipped_steps": 0}
-    _restore_on_policy(job, state, _resume(job, acc, state, ckpt_root))
+    saved = _resume(job, acc, state, ckpt_root)  # the checkpoint of state["step"], if any
+    _restore_on_policy(job, state, saved)
     _check_space(job, acc, ckpt_root, first_only=True)  # a first save must fit: known up front
     faults = from_env()
     autocast = autocast_for(spec, acc.device)
@@ -172,7 +173,8 @@ def train(job: TrainJob) -> TrainResult:
     eval_metrics: dict = {}
     progress = _progress(acc, spec.max_steps, state["step"])
 
-    with SignalWatch() as signals:
+    with stop_signals.watch() as signals:
+        stop_signals.enter_phase(stop_signals.TRAINING, job.stage_dir.name)
         while state["step"] < spec.max_steps:
             step = state["step"]
             if job.hooks.before_step:
@@ -198,26 +200,17 @@ def train(job: TrainJob) -> TrainResult:
                 faults.after_step()
             if state["step"] % spec.log_every == 0 or state["step"] == spec.max_steps:
                 window = _log_step(job, acc, progress, order, state, out, lr, window)
-            if (
-                spec.eval_every
-                and state["step"] % spec.eval_every == 0
-                and state["step"] < spec.max_steps
-            ):
-                eval_metrics = evaluate_heldout(job, module, autocast, spec.eval_batches)
-                job.tracker.log({f"eval/{k}": v for k, v in eval_metrics.items()}, state["step"])
+            eval_metrics = _periodic_eval(job, module, autocast, state["step"]) or eval_metrics
             stop = _any(acc, signals.requested, acc.device)
+            saved = None  # a checkpoint of an earlier step
             if (spec.save_every and state["step"] % spec.save_every == 0) or stop:
-                path = save_checkpoint(job, acc, state, ckpt_root, faults)
+                saved = save_checkpoint(job, acc, state, ckpt_root, faults)
                 if stop:
                     _close_progress(progress)
-                    raise StopRequested(path)
-
-    _close_progress(progress)
-    wall = time.perf_counter() - t0
-    eval_metrics = evaluate_heldout(job, module, autocast, None)
-    job.tracker.log({f"eval/{k}": v for k, v in eval_metrics.items()}, state["step"])
-    if not (spec.save_every and state["step"] % spec.save_every == 0):
-        save_checkpoint(job, acc, state, ckpt_root, faults)
+                    raise StopRequested(saved, signals.where())
+        _close_progress(progress)
+        wall = time.perf_counter() - t0
+        eval_metrics = _final_eval(job, acc, module, autocast, state, saved, faults)
     tokens_run = state["tokens"] - tokens_at_t0
     return TrainResult(
         steps=state["step"],
@@ -228,6 +221,16 @@ def train(job: TrainJob) -> TrainResult:
         skipped_steps=state["skipped_steps"],
         on_policy=job.on_policy.summary(state["step"]) if job.on_policy else None,
     )
+
+
+def _periodic_eval(job: TrainJob, module, autocast, step: int) -> dict | None:
+    """The held-out metrics every `eval_every` steps (the last step has its own, full eval)."""
+    spec = job.spec
+    if not spec.eval_every or step % spec.eval_every or step >= spec.max_steps:
+        return None
+    metrics = evaluate_heldout(job, module, autocast, spec.eval_batches)
+    job.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step)
+    return metrics
 
 
 def _step_batches(job: TrainJob, acc, order: BatchOrder, step: int, autocast):
@@ -253,6 +256,18 @@ def _restore_on_policy(job: TrainJob, state: dict, resumed: Path | None) -> None
     if job.on_policy is not None:
         job.on_policy.restore(read_state(resumed) if resumed else {})
         state["on_policy"] = job.on_policy.state()
+
+
+def _final_eval(job: TrainJob, acc, module, autocast, state: dict, saved, faults) -> dict:
+    """The held-out metrics of the trained student, after its weights are saved: a stop during
+    the eval (or the export after it) costs the rerun the eval and the export, not the training."""
+    if saved is None:
+        saved = save_checkpoint(job, acc, state, job.stage_dir / "checkpoints", faults)
+    stop_signals.enter_phase("final-eval", job.stage_dir.name)
+    metrics = evaluate_heldout(job, module, autocast, None)
+    job.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, state["step"])
+    stop_signals.stop_point(acc, checkpoint=saved)
+    return metrics
 
 
 @dataclass
