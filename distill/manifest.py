@@ -51,14 +51,15 @@ def path_identity(path: str | os.PathLike | None, revision: str | None = None) -
     local = Path(os.path.expanduser(str(path)))
     if not local.exists():
         return _hub_commit(str(path), revision or "main")
-    identity = []
-    for name, p in _files_of(local):
-        st = p.stat()
-        if st.st_size <= CONTENT_HASH_MAX_BYTES:
-            identity.append([name, st.st_size, hashlib.sha256(p.read_bytes()).hexdigest()])
-        else:
-            identity.append([name, st.st_size, st.st_mtime_ns])
-    return identity
+    return [file_identity(name, p) for name, p in _files_of(local)]
+
+
+def file_identity(name: str, path: str | os.PathLike) -> list:
+    """[name, size, sha256] of a small file, [name, size, mtime] of a larger one."""
+    st = os.stat(path)
+    if st.st_size <= CONTENT_HASH_MAX_BYTES:
+        return [name, st.st_size, hashlib.sha256(Path(path).read_bytes()).hexdigest()]
+    return [name, st.st_size, st.st_mtime_ns]
 
 
 def _hub_commit(repo_id: str, revision: str) -> list | None:

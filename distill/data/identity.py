@@ -10,6 +10,7 @@ from pathlib import Path
 
 from distill.config import DataSpec
 from distill.data.documents import input_paths, stdlib_paths
+from distill.manifest import file_identity
 
 # Settings that decide which documents land in which split (the rest only cut or place them).
 STORE_KEYS = (
@@ -26,7 +27,6 @@ STORE_KEYS = (
     "streaming",
     "on_error",
 )
-CONTENT_HASH_MAX_BYTES = 1 << 20  # files this small are identified by content, not mtime
 
 
 def store_spec(spec: DataSpec) -> dict:
@@ -44,15 +44,7 @@ def input_identity(spec: DataSpec) -> list:
             paths = sorted(str(p) for p in Path(paths[0]).rglob("*") if p.is_file())
     else:
         return []
-    identity = []
-    for path in paths:
-        st = os.stat(path)
-        if st.st_size <= CONTENT_HASH_MAX_BYTES:
-            with open(path, "rb") as f:
-                identity.append([path, st.st_size, hashlib.sha256(f.read()).hexdigest()])
-        else:
-            identity.append([path, st.st_size, st.st_mtime_ns])
-    return identity
+    return [file_identity(path, path) for path in paths]
 
 
 def tokenizer_sha256(tokenizer) -> str:
