@@ -172,6 +172,9 @@ class CacheSpec(Section):
 
     k: int = Field(64, ge=1, le=1024)
     """Top-k tokens kept per position; the rest of the mass is one tail bucket."""
+    tail_samples: int = Field(0, ge=0, le=1024)
+    """Tokens drawn per position from the teacher's tail (outside the top k), 2 bytes each plus 2:
+    they make the forward KL (T = 1) from the cache unbiased for the whole vocabulary."""
     hidden_layers: list[int] = []
     """0-based teacher layers whose outputs are stored (bf16) for offline hidden-state losses."""
     blocks: int | None = Field(None, gt=0)

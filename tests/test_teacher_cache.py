@@ -4,6 +4,8 @@ states stored exactly as the teacher computed them (bf16)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -148,3 +150,139 @@ def test_cached_hidden_states_equal_the_teachers_in_bf16(models_and_cache):
     for layer in (0, 1):
         assert states[layer].dtype == torch.bfloat16
         assert torch.equal(states[layer], out.states[layer][[4, 1]].to(torch.bfloat16))
+
+
+# --- tail samples: the forward KL from a cache without the top-k's bias --------------------------
+
+
+def _tail_problem(rows=6, vocab=40, k=5, samples=8, seed=0, dtype=torch.float64):
+    """Student logits, the teacher's full logits, and its top-k with `samples` tail draws."""
+    gen = torch.Generator().manual_seed(seed)
+    student = (torch.randn(rows, vocab, generator=gen, dtype=dtype) * 2).requires_grad_(True)
+    teacher = torch.randn(rows, vocab, generator=gen, dtype=dtype) * 2
+    records = encode_topk(teacher.float(), k, vocab, None, samples, gen)
+    logprobs, ids, tail_ids, entropy = decode_topk(records)
+    return student, teacher, (logprobs.to(dtype), ids, tail_ids, entropy.to(dtype))
+
+
+def test_tail_samples_lie_outside_the_top_k_and_follow_the_tail_distribution():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 60) * 2
+    records = encode_topk(logits, 8, 60, None, 40_000, torch.Generator().manual_seed(1))
+    assert records.dtype.itemsize == 8 + 8 + 4 + 40_000 + 2  # uint8 ids for 60 tokens
+    _, ids, tail_ids, entropy = decode_topk(records)
+    assert not (tail_ids[:, :, None] == ids[:, None, :]).any()
+    probs = torch.softmax(logits, -1).scatter(1, ids, 0.0)
+    tail = probs / probs.sum(1, keepdim=True)
+    counts = torch.zeros_like(tail).scatter_add_(1, tail_ids, torch.ones(tail_ids.shape))
+    assert (counts / 40_000 - tail).abs().max() < 0.01
+    exact_entropy = -(tail * tail.clamp_min(1e-30).log()).sum(1)
+    torch.testing.assert_close(entropy, exact_entropy, rtol=2e-3, atol=1e-3)  # float16
+    assert record_dtype(64, 4096, tail_samples=16).itemsize == 196 + 16 * 2 + 2
+
+
+def test_a_tail_without_mass_is_sampled_outside_the_top_k():
+    logits = torch.full((3, 20), -math.inf)
+    logits[:, :4] = 0.0  # the top 4 hold all the mass (masked tokens)
+    _, ids, tail_ids, entropy = decode_topk(encode_topk(logits, 4, 20, None, 5))
+    assert not (tail_ids[:, :, None] == ids[:, None, :]).any() and (entropy == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chunked_objective_with_tail_samples_equals_the_naive_reference(dtype):
+    """Value and gradient of every divergence kind, alone and mixed, with tail samples: only the
+    forward KL at T = 1 changes (tested against the buckets alone), and the chunked path with
+    its hand-written gradient equals the naive one with autograd."""
+    from distill.objective.chunked import chunked_logit_objective
+
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(30, 8, generator=gen, dtype=dtype)
+    weight = torch.randn(43, 8, generator=gen, dtype=dtype)  # 3 padding rows past the vocabulary
+    labels = torch.randint(0, 40, (30,), generator=gen)
+    labels[::7] = -100
+    records = encode_topk(
+        torch.randn(30, 40, generator=gen) * 2, 6, 40, labels.clamp_min(0), 9, gen
+    )
+    topk = tuple(t.to(dtype) if t.dtype.is_floating_point else t for t in decode_topk(records))
+    mixed = [LogitTerm("forward_kl", weight=0.4), LogitTerm("jsd", weight=0.3, beta=0.3),
+             LogitTerm("forward_kl", weight=0.2, temperature=2.0)]  # fmt: skip
+    for terms in [[term] for term in DIVERGENCES] + [mixed]:
+        results = {}
+        for name, teacher in (("tail", topk), ("buckets", topk[:2])):
+            for path in ("naive", "chunked"):
+                h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+                if path == "naive":
+                    out = naive_logit_objective(h @ w.T, labels, terms, 0.3, None, teacher, 40)
+                else:
+                    out = chunked_logit_objective(
+                        h, w, labels, terms, 0.3, teacher_topk=teacher, vocab_size=40, chunk_size=7
+                    )
+                out.total.backward()
+                results[name, path] = (out, h.grad, w.grad)
+        rtol = {torch.float64: 1e-10, torch.float32: 2e-5}[dtype]
+        for name in ("tail", "buckets"):
+            (a, *grads_a), (b, *grads_b) = results[name, "chunked"], results[name, "naive"]
+            torch.testing.assert_close(a.total, b.total, rtol=rtol, atol=rtol)
+            for x, y in zip(grads_a + list(a.terms.values()), grads_b + list(b.terms.values())):
+                torch.testing.assert_close(x, y, rtol=rtol, atol=rtol)
+        with_tail, buckets = results["tail", "naive"][0], results["buckets", "naive"][0]
+        corrected = any(t.kind == "forward_kl" and t.temperature == 1.0 for t in terms)
+        assert (with_tail.total != buckets.total) == corrected
+        assert with_tail.terms["ce"] == buckets.terms["ce"]
+
+
+def test_tail_samples_make_the_forward_kl_and_its_gradient_unbiased():
+    """With many samples the cache's forward KL (value and gradient) is the full-vocabulary one
+    on the teacher's logits; the buckets alone are not (the bias the samples remove)."""
+    student, teacher, topk = _tail_problem(samples=200_000, seed=2)
+    labels = torch.zeros(len(student), dtype=torch.long)
+    terms = [LogitTerm("forward_kl")]
+    outs = {}
+    for name, args in (
+        ("full", {"teacher_logits": teacher}),
+        ("tail", {"teacher_topk": topk}),
+        ("buckets", {"teacher_topk": topk[:2]}),
+    ):
+        student.grad = None
+        out = naive_logit_objective(student, labels, terms, 0.0, **args)
+        out.total.backward()
+        outs[name] = (out.total.detach(), student.grad.clone())
+    (full, full_grad), (tail, tail_grad), (bucket, bucket_grad) = outs.values()
+    assert abs(tail - full) < 0.01 * full  # float16 entropy and 8-bit codes, and sampling noise
+    assert (tail_grad - full_grad).abs().max() < 0.004
+    assert bucket < 0.9 * full and (bucket_grad - full_grad).abs().max() > 0.02
+
+
+def test_the_cache_stage_writes_tail_samples_the_student_reads(models_and_cache):
+    """Through the writer and the reader: the tail samples reach the loss as written, and the
+    draws depend only on the generator's seed (a resumed shard writes the same bytes)."""
+    teacher, student, blocks, _ = models_and_cache
+    from contextlib import nullcontext
+
+    spec = CacheSpec(k=16, tail_samples=8, batch_size=4)
+
+    def write(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return teacher_outputs(teacher, blocks, spec, VOCAB, nullcontext(), "cpu", gen)[0]
+
+    records = write(7)
+    assert records.tobytes() == write(7).tobytes() and records.tobytes() != write(8).tobytes()
+    manifest = {"k": 16, "tail_samples": 8, "hidden_layers": [], "teacher_layers": 2}
+    cache = cache_in_memory(manifest, records, None)
+    read = cache.read(torch.arange(len(blocks)), torch.device("cpu"), False).topk
+    assert len(read) == 4 and read[2].shape == (len(blocks), blocks.shape[1] - 1, 8)
+    objective = ObjectiveSpec(ce_weight=0.0, terms=[LogitTerm("forward_kl")], chunk_size=40)
+    total, _, _ = DistillModule(student, objective, VOCAB)(blocks, tuple_output(read))
+    with torch.no_grad():
+        logits = student(blocks).logits[:, :-1].reshape(-1, VOCAB)
+    flat = tuple(t.flatten(0, 1) for t in read)
+    expected = naive_logit_objective(
+        logits, blocks[:, 1:].reshape(-1), objective.terms, 0.0, teacher_topk=flat
+    )
+    torch.testing.assert_close(total.detach(), expected.total, rtol=1e-5, atol=1e-5)
+
+
+def tuple_output(topk):
+    from distill.objective.module import TeacherOutput
+
+    return TeacherOutput(hidden=None, head_weight=None, states=None, topk=topk)

@@ -222,6 +222,7 @@ def _cache_of_batches(ctx: RunContext, cache_stage, spec: TrainSpec, batches) ->
     )
     manifest = {
         "k": cache_spec.k,
+        "tail_samples": cache_spec.tail_samples,
         "hidden_layers": sorted(set(cache_spec.hidden_layers)),
         "teacher_layers": num_layers(teacher),
         "hidden_size": teacher.config.hidden_size,

@@ -28,13 +28,15 @@ from distill.objective.losses import (
     _select_rows,
     _valid_rows,
     check_logit_terms,
+    corrects_tail,
+    sampled_tail_kl,
     teacher_bucket_logprobs,
     term_per_token,
 )
 
 
 def _has_closed_form_gradient(
-    terms: Sequence[LogitTerm], teacher_topk: tuple[torch.Tensor, torch.Tensor] | None
+    terms: Sequence[LogitTerm], teacher_topk: tuple[torch.Tensor, ...] | None
 ) -> bool:
     """CE plus forward-KL terms on full teacher logits (the default objective): hand-written grad."""
     return teacher_topk is None and all(term.kind == "forward_kl" for term in terms)
@@ -124,8 +126,7 @@ def _topk_chunk(
     labels: torch.Tensor,
     terms: Sequence[LogitTerm],
     ce_weight: float,
-    teacher_logprobs: torch.Tensor,
-    teacher_indices: torch.Tensor,
+    teacher: tuple[torch.Tensor, ...],
     need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One chunk of CE + any divergence terms against a top-k teacher (the cache), with
@@ -134,9 +135,12 @@ def _topk_chunk(
     Same values as :func:`_objective_on_rows` with ``teacher_topk``. The terms only see the
     [C, k + 1] bucket log-probabilities s, so autograd runs on those alone; with g = d terms / d s,
     the chain rule through s_i = z_i - lse(z) (top-k ids) and s_tail = log(sum of q outside the
-    top k) gives d/dz_j = g_j [j in top k] + g_tail q_j / Q_tail [j outside] - q_j sum_b g_b. Two
-    [C, V] buffers (q and q outside the top k) instead of autograd's graph over the vocabulary.
+    top k) gives d/dz_j = g_j [j in top k] + g_tail q_j / Q_tail [j outside] - q_j sum_b g_b. One
+    [C, V] buffer (q, which becomes the gradient) instead of autograd's graph over the vocabulary.
+    With tail samples, the forward-KL terms' :func:`sampled_tail_kl` adds
+    w P_tail (q_j / Q_tail [j outside] - count_j / M).
     """
+    teacher_logprobs, teacher_indices = teacher[:2]
     logits = hidden @ weight.T
     logits_dtype = logits.dtype
     dtype = _math_dtype(logits, teacher_logprobs)
@@ -145,30 +149,49 @@ def _topk_chunk(
     label_index = labels.unsqueeze(1)
     ce = -log_q.gather(1, label_index).sum()
     student_top = log_q.gather(1, teacher_indices)
+    tail_ids = teacher[2] if len(teacher) == 4 else None
+    student_samples = log_q.gather(1, tail_ids) if tail_ids is not None else None
     q = log_q.exp_()
     del log_q
-    q_outside = q.scatter(1, teacher_indices, 0.0)
-    tail_mass = q_outside.sum(1, keepdim=True)
+    # The tail's mass summed over the ids outside the top k, not 1 - sum(top k) (that cancels
+    # catastrophically for a confident student): zeroed in place and restored, no [C, V] copy.
+    q_top = q.gather(1, teacher_indices)
+    tail_mass = q.scatter_(1, teacher_indices, 0.0).sum(1, keepdim=True)
+    q.scatter_(1, teacher_indices, q_top)
     tiny = torch.finfo(dtype).tiny
     student = torch.cat([student_top, tail_mass.clamp_min(tiny).log()], 1)
-    teacher = teacher_bucket_logprobs(teacher_logprobs, dtype)
+    buckets = teacher_bucket_logprobs(teacher_logprobs, dtype)
     student.requires_grad_(need_grad)
     with torch.enable_grad():
-        sums = [term_per_token(term, student, teacher).sum() for term in terms]
+        sums = [term_per_token(term, student, buckets).sum() for term in terms]
         zero = torch.zeros((), dtype=dtype, device=student.device)
         terms_total = sum((t.weight * t.temperature**2 * v for t, v in zip(terms, sums)), zero)
+    sums = [v.detach() for v in sums]
     total = ce_weight * ce + terms_total.detach()
+    teacher_tail = buckets[:, -1:].exp()  # P_tail [C, 1]
+    tail_weight = 0.0  # sum of the weights of the terms the samples correct
+    if tail_ids is not None:
+        tail = sampled_tail_kl(
+            student_samples, student[:, -1].detach(), buckets[:, -1], teacher[3]
+        ).sum()
+        sums = [v + tail if corrects_tail(t) else v for t, v in zip(terms, sums)]
+        tail_weight = sum(t.weight for t in terms if corrects_tail(t))
+        total = total + tail_weight * tail
     grad = None
     if need_grad:
         g = torch.autograd.grad(terms_total, student)[0] if terms_total.requires_grad else None
         if g is None:
             g = torch.zeros_like(student)
-        grad = q.mul_(ce_weight - g.sum(1, keepdim=True))
-        grad.add_(q_outside.mul_(g[:, -1:] / tail_mass.clamp_min(tiny)))
-        grad.scatter_add_(1, teacher_indices, g[:, :-1])
+        outside = g[:, -1:] + tail_weight * teacher_tail if tail_weight else g[:, -1:]
+        outside = outside / tail_mass.clamp_min(tiny)  # d/dz_j per unit q_j, j outside the top k
+        grad = q.mul_(ce_weight - g.sum(1, keepdim=True) + outside)
+        grad.scatter_add_(1, teacher_indices, g[:, :-1] - outside * q_top)
+        if tail_weight:
+            per_sample = teacher_tail * (-tail_weight / tail_ids.shape[1])
+            grad.scatter_add_(1, tail_ids, per_sample.expand(tail_ids.shape).to(dtype))
         grad.scatter_add_(1, label_index, torch.full_like(label_index, -ce_weight, dtype=dtype))
         grad = grad.to(logits_dtype)
-    stacked = torch.stack([ce, *[v.detach() for v in sums]])
+    stacked = torch.stack([ce, *sums])
     return total, stacked.to(torch.promote_types(torch.float32, logits_dtype)), grad
 
 
@@ -189,8 +212,7 @@ class _ChunkedLogitObjective(torch.autograd.Function):
         labels: torch.Tensor,
         teacher_hidden: torch.Tensor | None,
         teacher_weight: torch.Tensor | None,
-        teacher_logprobs: torch.Tensor | None,
-        teacher_indices: torch.Tensor | None,
+        teacher_topk: tuple[torch.Tensor, ...] | None,
         terms: tuple[LogitTerm, ...],
         ce_weight: float,
         chunk_size: int,
@@ -210,17 +232,17 @@ class _ChunkedLogitObjective(torch.autograd.Function):
         )
         need_grad = need_hidden_grad or need_weight_grad
 
-        closed_form = _has_closed_form_gradient(terms, teacher_logprobs)
+        closed_form = _has_closed_form_gradient(terms, teacher_topk)
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
             chunk_hidden = hidden[start:end].to(weight.dtype)
             chunk_teacher_hidden = None
             if teacher_hidden is not None:
                 chunk_teacher_hidden = teacher_hidden[start:end].to(teacher_weight.dtype)
-            if teacher_logprobs is not None:
-                topk = (teacher_logprobs[start:end], teacher_indices[start:end])
+            if teacher_topk is not None:
+                topk = tuple(t[start:end] for t in teacher_topk)
                 chunk_total, chunk_sums, grad_logits = _topk_chunk(
-                    chunk_hidden, weight, labels[start:end], terms, ce_weight, *topk, need_grad
+                    chunk_hidden, weight, labels[start:end], terms, ce_weight, topk, need_grad
                 )
             elif closed_form:
                 chunk_total, chunk_sums, grad_logits = _ce_forward_kl_chunk(
@@ -271,7 +293,7 @@ class _ChunkedLogitObjective(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
-        return (grad_hidden, grad_weight) + (None,) * 10
+        return (grad_hidden, grad_weight) + (None,) * 9
 
 
 def chunked_logit_objective(
@@ -282,7 +304,7 @@ def chunked_logit_objective(
     ce_weight: float,
     teacher_hidden: torch.Tensor | None = None,
     teacher_head_weight: torch.Tensor | None = None,
-    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    teacher_topk: tuple[torch.Tensor, ...] | None = None,
     vocab_size: int | None = None,
     chunk_size: int = 1024,
     all_valid: bool = False,
@@ -292,8 +314,9 @@ def chunked_logit_objective(
     ``student_hidden`` [N, Hs] (after the final norm), ``student_head_weight`` [Vs_rows, Hs],
     ``labels`` [N] with -100 for masked rows. Teacher: ``teacher_hidden`` [N, Ht] with
     ``teacher_head_weight`` [Vt_rows, Ht] (no gradient), or ``teacher_topk`` = (logprobs [N, k] at
-    T = 1, indices [N, k]), or neither (CE only: ``terms`` must be empty). Rows of either head at
-    index >= ``vocab_size`` are ignored. Masked rows are dropped up front (one host sync), so only
+    T = 1, indices [N, k]), optionally followed by (tail sample ids [N, M], tail entropy [N]), or
+    neither (CE only: ``terms`` must be empty). Rows of either head at index >= ``vocab_size`` are
+    ignored. Masked rows are dropped up front (one host sync), so only
     valid tokens cost compute; peak extra memory is O(chunk_size x vocab_size). Gradients reach
     ``student_hidden`` and ``student_head_weight`` (when they require grad) only. ``all_valid``
     promises that every label is a token id below ``vocab_size`` (packed training blocks): the
@@ -323,17 +346,24 @@ def chunked_logit_objective(
     # index_select is differentiable: autograd scatters the valid rows' gradient back, zeros elsewhere.
     hidden = _select_rows(student_hidden, rows)
     weight = student_head_weight[:vocab]
-    teacher_hidden_valid = teacher_weight = logprobs = indices = None
+    teacher_hidden_valid = teacher_weight = topk = None
     if has_teacher_head:
         teacher_hidden_valid = _select_rows(teacher_hidden.detach(), rows)
         teacher_weight = teacher_head_weight.detach()[:vocab]
     if teacher_topk is not None:
-        logprobs, indices = _check_topk(teacher_topk, student_hidden.shape[0], vocab)
-        logprobs = _select_rows(logprobs.detach(), rows)
-        indices = _select_rows(indices, rows).long()
-        _check_index_range(
-            "teacher_topk indices", indices, vocab, "was the cache written with the same tokenizer?"
+        topk = tuple(
+            _select_rows(t.detach(), rows)
+            if t.dtype.is_floating_point
+            else _select_rows(t, rows).long()
+            for t in _check_topk(teacher_topk, student_hidden.shape[0], vocab)
         )
+        for name, index in zip(("indices", "tail_ids"), topk[1:3]):
+            _check_index_range(
+                f"teacher_topk {name}",
+                index,
+                vocab,
+                "was the cache written with the same tokenizer?",
+            )
     grad_enabled = torch.is_grad_enabled()
     total, sums = _ChunkedLogitObjective.apply(
         hidden,
@@ -341,8 +371,7 @@ def chunked_logit_objective(
         valid_labels,
         teacher_hidden_valid,
         teacher_weight,
-        logprobs,
-        indices,
+        topk,
         terms,
         float(ce_weight),
         int(chunk_size),

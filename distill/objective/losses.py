@@ -29,7 +29,8 @@ Logit-term conventions:
   ``KL(Q || alpha Q + (1 - alpha) P)`` (DistiLLM); ``alpha == 0`` is the plain KL, ``alpha == 1`` is 0.
 - ``tv`` is ``0.5 * sum |P - Q|``.
 
-Top-k teacher (an offline cache): see :func:`topk_bucket_logprobs` for the tail-mass treatment.
+Top-k teacher (an offline cache): see :func:`topk_bucket_logprobs` for the tail-mass treatment, and
+:func:`sampled_tail_kl` for the tail samples that make the forward KL unbiased.
 """
 
 from __future__ import annotations
@@ -255,13 +256,41 @@ def teacher_bucket_logprobs(teacher_logprobs: torch.Tensor, dtype: torch.dtype) 
     return torch.cat([teacher_top, teacher_tail], -1)
 
 
+def sampled_tail_kl(
+    student_sample_logprobs: torch.Tensor,
+    student_log_tail: torch.Tensor,
+    teacher_log_tail: torch.Tensor,
+    tail_entropy: torch.Tensor,
+) -> torch.Tensor:
+    """[N] estimate of what the k + 1 buckets leave out of the forward KL at T = 1.
+
+    By the chain rule of the KL, ``KL(P || Q) = KL over the buckets + P_tail KL(P~ || Q~)``, with
+    P~ and Q~ the two distributions restricted to the tail (the ids outside the top k) and
+    renormalised. With M tokens s_m drawn from P~ and its entropy ``tail_entropy`` [N],
+    ``P_tail (mean_m -log Q~(s_m) - H(P~))`` estimates the second part without bias; so does its
+    gradient, ``P_tail (Q~_j - count_j / M)`` on tail logits, which added to the buckets' gives
+    ``Q_j - P_j`` in expectation: the full-vocabulary forward KL's gradient.
+    ``student_sample_logprobs`` [N, M] are the student's log Q(s_m); ``student_log_tail`` and
+    ``teacher_log_tail`` [N] the tail buckets' log-masses (from :func:`topk_bucket_logprobs`).
+    """
+    dtype = student_sample_logprobs.dtype
+    cross_entropy = student_log_tail - student_sample_logprobs.mean(-1)
+    return teacher_log_tail.to(dtype).exp() * (cross_entropy - tail_entropy.to(dtype))
+
+
+def corrects_tail(term: LogitTerm) -> bool:
+    """Terms whose tail the cache's samples refine: the forward KL at T = 1 (a sample of P~ says
+    nothing about another temperature's tail, nor about the student-weighted divergences)."""
+    return term.kind == "forward_kl" and term.temperature == 1.0
+
+
 def _objective_on_rows(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
     terms: Sequence[LogitTerm],
     ce_weight: float,
     teacher_logits: torch.Tensor | None,
-    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None,
+    teacher_topk: tuple[torch.Tensor, ...] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weighted total, detached [1 + len(terms)] unweighted sums) over rows that are all valid.
 
@@ -271,10 +300,17 @@ def _objective_on_rows(
     dtype = _math_dtype(student_logits)
     ce = F.cross_entropy(student_logits.to(dtype), labels, reduction="sum")
     if teacher_topk is not None:
-        student_dist, teacher_dist = topk_bucket_logprobs(student_logits, *teacher_topk)
+        student_dist, teacher_dist = topk_bucket_logprobs(student_logits, *teacher_topk[:2])
     else:
         student_dist, teacher_dist = student_logits, teacher_logits
     term_sums = [term_per_token(term, student_dist, teacher_dist).sum() for term in terms]
+    if teacher_topk is not None and len(teacher_topk) == 4:
+        logprobs = F.log_softmax(student_logits.to(student_dist.dtype), dim=-1)
+        samples = logprobs.gather(-1, teacher_topk[2])
+        tail = sampled_tail_kl(
+            samples, student_dist[:, -1], teacher_dist[:, -1], teacher_topk[3]
+        ).sum()
+        term_sums = [v + tail if corrects_tail(t) else v for t, v in zip(terms, term_sums)]
     total = ce_weight * ce
     for term, term_sum in zip(terms, term_sums):
         total = total + term.weight * term.temperature**2 * term_sum
@@ -349,11 +385,16 @@ def _check_labels(labels: torch.Tensor, num_rows: int, what: str) -> None:
 
 
 def _check_topk(
-    teacher_topk: tuple[torch.Tensor, torch.Tensor], num_rows: int, vocab: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
-        raise ValueError("teacher_topk must be a tuple (logprobs [N, k], indices [N, k])")
-    logprobs, indices = teacher_topk
+    teacher_topk: tuple[torch.Tensor, ...], num_rows: int, vocab: int
+) -> tuple[torch.Tensor, ...]:
+    """The top-k teacher: (logprobs [N, k], indices [N, k]), plus (tail sample ids [N, M], tail
+    entropy [N]) when the cache holds tail samples."""
+    if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) not in (2, 4):
+        raise ValueError(
+            "teacher_topk must be a tuple (logprobs [N, k], indices [N, k]), or with the tail "
+            "samples (logprobs, indices, tail_ids [N, M], tail_entropy [N])"
+        )
+    logprobs, indices = teacher_topk[:2]
     if logprobs.dim() != 2 or logprobs.shape != indices.shape or logprobs.shape[0] != num_rows:
         raise ValueError(
             f"teacher_topk logprobs {list(logprobs.shape)} and indices {list(indices.shape)} must "
@@ -367,7 +408,22 @@ def _check_topk(
     k = logprobs.shape[1]
     if not 1 <= k <= vocab:
         raise ValueError(f"teacher_topk has k={k}; k must be in [1, vocab_size={vocab}]")
-    return logprobs, indices
+    if len(teacher_topk) == 2:
+        return logprobs, indices
+    tail_ids, tail_entropy = teacher_topk[2:]
+    if (
+        tail_ids.dim() != 2
+        or tail_ids.shape[0] != num_rows
+        or tail_ids.dtype.is_floating_point
+        or tail_entropy.shape != (num_rows,)
+        or not tail_entropy.dtype.is_floating_point
+    ):
+        raise ValueError(
+            f"teacher_topk tail samples must be integer ids [N, M] and float entropies [N] with "
+            f"N = {num_rows}, got {tail_ids.dtype} {list(tail_ids.shape)} and "
+            f"{tail_entropy.dtype} {list(tail_entropy.shape)}"
+        )
+    return logprobs, indices, tail_ids, tail_entropy
 
 
 def _check_index_range(name: str, index: torch.Tensor, vocab: int, fix: str) -> None:
@@ -414,7 +470,7 @@ def naive_logit_objective(
     terms: Sequence[LogitTerm],
     ce_weight: float,
     teacher_logits: torch.Tensor | None = None,
-    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    teacher_topk: tuple[torch.Tensor, ...] | None = None,
     vocab_size: int | None = None,
 ) -> ObjectiveOutput:
     """Full-vocabulary reference of :func:`chunked_logit_objective` (same semantics).
@@ -450,14 +506,19 @@ def naive_logit_objective(
         teacher_logits_valid = _select_rows(teacher_logits[:, :vocab], rows).detach()
     topk_valid = None
     if teacher_topk is not None:
-        logprobs, indices = _check_topk(teacher_topk, num_rows, vocab)
-        topk_valid = (_select_rows(logprobs, rows).detach(), _select_rows(indices, rows).long())
-        _check_index_range(
-            "teacher_topk indices",
-            topk_valid[1],
-            vocab,
-            "was the cache written with the same tokenizer?",
+        topk_valid = tuple(
+            _select_rows(t, rows).detach()
+            if t.dtype.is_floating_point
+            else _select_rows(t, rows).long()
+            for t in _check_topk(teacher_topk, num_rows, vocab)
         )
+        for name, index in zip(("indices", "tail_ids"), topk_valid[1:3]):
+            _check_index_range(
+                f"teacher_topk {name}",
+                index,
+                vocab,
+                "was the cache written with the same tokenizer?",
+            )
     total, sums = _objective_on_rows(
         student, valid_labels, terms, float(ce_weight), teacher_logits_valid, topk_valid
     )

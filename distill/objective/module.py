@@ -23,8 +23,9 @@ class TeacherOutput:
     hidden: torch.Tensor | None  # [B, S, H_t] final hidden states (after the final norm)
     head_weight: torch.Tensor | None  # [V_t, H_t]
     states: list[torch.Tensor | None] | None  # per-layer outputs, index i = layer i
-    topk: tuple[torch.Tensor, torch.Tensor] | None = None
-    """Cache: (log-probabilities at T = 1 [B, S - 1, k], ids [B, S - 1, k]) for positions 0..S-2."""
+    topk: tuple[torch.Tensor, ...] | None = None
+    """Cache: (log-probabilities at T = 1 [B, S - 1, k], ids [B, S - 1, k]) for positions 0..S-2,
+    and with tail samples (their ids [B, S - 1, M], the tail's entropy [B, S - 1])."""
 
 
 class TeacherTrunk(nn.Module):
@@ -132,8 +133,8 @@ class DistillModule(nn.Module):
         t_hidden = t_head = t_topk = None
         if teacher is not None and objective is not None and objective.terms:
             if teacher.topk is not None:
-                logprobs, ids = teacher.topk
-                t_topk = (logprobs.reshape(-1, logprobs.shape[-1]), ids.reshape(-1, ids.shape[-1]))
+                rows = teacher.topk[0].shape[0] * teacher.topk[0].shape[1]
+                t_topk = tuple(t.reshape(rows, *t.shape[2:]) for t in teacher.topk)
             else:
                 t_hidden = teacher.hidden[:, :-1].reshape(-1, teacher.hidden.shape[-1])
                 t_head = teacher.head_weight
@@ -165,7 +166,7 @@ class DistillModule(nn.Module):
         teacher_hidden: torch.Tensor | None = None,
         teacher_head: torch.Tensor | None = None,
         all_valid: bool = False,
-        teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+        teacher_topk: tuple[torch.Tensor, ...] | None = None,
         without_ce: bool = False,
     ):
         """CE (unless `without_ce`) + logit terms (sums, a `ObjectiveOutput`) from final hidden states [N, H] and

@@ -66,7 +66,11 @@ def run_cache_stage(ctx: RunContext, stage, fingerprint: str) -> StageResult:
         first = index * spec.shard_blocks
         rows = blocks[first : first + spec.shard_blocks]
         ids = ctx.data.train[torch.from_numpy(rows)]
-        topk, hidden = teacher_outputs(in_loop, ids, spec, len(ctx.tokenizer), autocast, acc.device)
+        # its own seed per shard: a resumed or re-run cache draws the same tail samples
+        generator = torch.Generator(acc.device).manual_seed(ctx.recipe.seed * 1_000_003 + index)
+        topk, hidden = teacher_outputs(
+            in_loop, ids, spec, len(ctx.tokenizer), autocast, acc.device, generator
+        )
         write_shard(root, index, first, topk, hidden)
         written += len(rows)
         if faults:
@@ -117,6 +121,12 @@ def _identity(ctx: RunContext, stage, teacher) -> dict:
             f"stage {stage.name!r}: cache.hidden_layers {bad} are out of range for the teacher's "
             f"{layers} layers (0-based: 0..{layers - 1})"
         )
+    vocab = len(ctx.tokenizer)
+    if spec.tail_samples and spec.k >= vocab:
+        raise RecipeError(
+            f"stage {stage.name!r}: cache.k={spec.k} covers the whole vocabulary ({vocab} tokens), "
+            "so there is no tail to sample; set cache.tail_samples: 0"
+        )
     return {
         **run_identity(ctx),
         "teacher": stage.model,
@@ -124,6 +134,7 @@ def _identity(ctx: RunContext, stage, teacher) -> dict:
         "teacher_layers": layers,
         "hidden_size": teacher.config.hidden_size,
         "k": spec.k,
+        "tail_samples": spec.tail_samples,
         "hidden_layers": sorted(set(spec.hidden_layers)),
         "precision": spec.precision,
         "blocks_requested": spec.blocks,
@@ -159,7 +170,13 @@ def _cached_blocks(ctx: RunContext, requested: int | None) -> np.ndarray:
 
 @torch.no_grad()
 def teacher_outputs(
-    teacher, blocks: torch.Tensor, spec: CacheSpec, vocab: int, autocast, device
+    teacher,
+    blocks: torch.Tensor,
+    spec: CacheSpec,
+    vocab: int,
+    autocast,
+    device,
+    generator: torch.Generator | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """What the cache stores of these blocks [n, seq_len]: records [n, seq_len - 1] and bf16
     bits [n, layers, seq_len, hidden] (None without `spec.hidden_layers`)."""
@@ -177,6 +194,8 @@ def teacher_outputs(
                 spec.k,
                 vocab,
                 labels[i : i + LOGITS_ROWS],
+                spec.tail_samples,
+                generator,
             )
             for i in range(0, len(flat), LOGITS_ROWS)
         ]

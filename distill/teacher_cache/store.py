@@ -148,7 +148,7 @@ class CachedTeacher:
             )
         per = self.manifest["shard_blocks"]
         records = np.stack([self.topk[r // per][r % per] for r in rows])
-        logprobs, ids = decode_topk(records)
+        topk = decode_topk(records)
         states = None
         if want_states:
             bits = np.stack([self.hidden[r // per][r % per] for r in rows])  # [B, L, S, H]
@@ -160,7 +160,7 @@ class CachedTeacher:
             hidden=None,
             head_weight=None,
             states=states,
-            topk=(logprobs.to(device), ids.to(device)),
+            topk=tuple(t.to(device) for t in topk),
         )
 
 
@@ -183,7 +183,7 @@ def open_cache(root: Path, expected: dict, what: str, verify: bool = True) -> Ca
     checksum verified, the shards memory-mapped read-only."""
     manifest = read_manifest(root, what)
     check_identity(manifest, expected, root, what)
-    dtype = record_dtype(manifest["k"], manifest["vocab_size"])
+    dtype = record_dtype(manifest["k"], manifest["vocab_size"], manifest.get("tail_samples", 0))
     positions = manifest["seq_len"] - 1
     layers = len(manifest["hidden_layers"])
     topk, hidden = [], [] if layers else None
