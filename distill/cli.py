@@ -82,6 +82,12 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
         help="width: MLP channels kept at a multiple of N (int4 groups, GGUF blocks); 1: exact",
     )
     p.add_argument(
+        "--heads-multiple-of",
+        type=int,
+        default=_default("heads_multiple_of"),
+        help="width: heads kept at a multiple of N (vLLM tensor parallelism over N GPUs)",
+    )
+    p.add_argument(
         "--layers",
         help="depth: a count to remove (ranked on calibration data), or 0-based indices with "
         "commas: 1,3 (one index: 3,)",

@@ -211,6 +211,7 @@ def _spec_fields(args, depth_layers) -> dict:
         "head_unit": args.head_unit,
         "mlp_fraction": args.mlp_fraction,
         "multiple_of": args.multiple_of,
+        "heads_multiple_of": args.heads_multiple_of,
         "layers": depth_layers,
         "calibration_batches": args.calibration_batches,
     }

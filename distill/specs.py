@@ -194,6 +194,10 @@ class PruneSpec(Section):
     multiple_of: int = Field(32, ge=1)
     """Width: MLP channels kept rounded to a multiple of this (32: what int4 groups and GGUF's
     blocks of 32 need; 352 channels at 0.25 keep 256, not 264); 1: exactly the fraction."""
+    heads_multiple_of: int = Field(1, ge=1)
+    """Width: the heads left (KV groups, or query heads per group with head_unit query_head) kept
+    at a multiple of this: vLLM's tensor parallelism needs the KV heads divisible by the number
+    of GPUs (8 heads on 4 GPUs: heads_multiple_of 4); 1: exactly the fraction."""
     layers: int | list[Any] | None = None
     """Depth: how many layers to remove (ranked), or the explicit 0-based indices."""
     calibration_batches: int = Field(8, gt=0)

@@ -11,7 +11,7 @@ import yaml
 
 from conftest import losses_by_step, run_cli, same_weights, tiny_recipe
 
-CACHE = {"k": 16, "hidden_layers": [1], "shard_blocks": 16, "blocks": 48}
+CACHE = {"k": 16, "tail_samples": 4, "hidden_layers": [1], "shard_blocks": 16, "blocks": 48}
 STAGES = [
     {"name": "teacher", "kind": "train", "model": "teacher", "train": {"max_steps": 4}},
     {"name": "tcache", "kind": "cache-teacher", "model": "teacher", "cache": CACHE},
@@ -59,11 +59,12 @@ def test_cache_stage_summary_and_students_trained_from_it(reference):
         e["name"]: e for e in json.loads((reference / "run" / "summary.json").read_text())["stages"]
     }
     cache = summary["tcache"]
-    assert cache["kind"] == "cache-teacher" and cache["k"] == 16
+    assert cache["kind"] == "cache-teacher" and cache["k"] == 16 and cache["tail_samples"] == 4
     for key in ("bytes_per_token", "tokens", "wall_s", "tokens_per_s"):
         assert cache[key] > 0
-    # 16 uint16 ids + 16 codes + 4 bytes, plus one bf16 layer of 64 over 32 / 31 positions
-    assert cache["bytes_per_token"] == pytest.approx(52 + 64 * 2 * 32 / 31)
+    # 16 uint16 ids + 16 codes + 4 bytes + 4 uint16 tail samples + their entropy (float16), plus
+    # one bf16 layer of 64 over 32 / 31 positions
+    assert cache["bytes_per_token"] == pytest.approx(52 + 10 + 64 * 2 * 32 / 31)
     assert (
         summary["offline"]["teacher_cache"] == "tcache"
         and "teacher_agreement" not in summary["offline"]

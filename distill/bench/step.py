@@ -286,8 +286,8 @@ def loss_only_peak_bytes(step: TrainStep, device: torch.device) -> int:
     head = causal_lm_of(module.student).get_output_embeddings().weight
     teacher_hidden = teacher_head = teacher_topk = None
     if isinstance(step.teacher, CachedTeacher):
-        logprobs, token_ids = step.teacher.read(step.blocks()[0], device, False).topk
-        teacher_topk = (logprobs.flatten(0, 1), token_ids.flatten(0, 1))
+        topk = step.teacher.read(step.blocks()[0], device, False).topk
+        teacher_topk = tuple(t.flatten(0, 1) for t in topk)
     elif step.teacher is not None:
         out = teacher_forward(step.teacher, ids, False, step.autocast)
         teacher_hidden = out.hidden[:, :-1].reshape(-1, out.hidden.shape[-1])

@@ -32,18 +32,46 @@ def _count_removed(fraction: float, available: int, key: str, what: str) -> int:
     return removed
 
 
-def _kept_multiple(kept: int, available: int, multiple: int) -> int:
+def _kept_multiple(
+    kept: int,
+    available: int,
+    multiple: int,
+    key: str = "multiple_of",
+    what: str = "the MLP has {} channels",
+) -> int:
     """``kept`` rounded to the nearest multiple of ``multiple``, keeping at least one multiple and
-    still removing something: int4 groups and GGUF blocks need widths in multiples of 32."""
+    still removing something: int4 groups and GGUF blocks need widths in multiples of 32, tensor
+    parallelism head counts divisible by the number of GPUs."""
     largest = (available - 1) // multiple * multiple
     if largest < multiple:
         raise SettingError(
-            "{multiple_of=}: the MLP has " + f"{available} channels, too few to keep a "
-            f"multiple of {multiple} and remove any; use a smaller {{multiple_of}} (1 keeps "
-            "exactly the fraction)",
-            multiple_of=multiple,
+            f"{{{key}=}}: {what.format(available)}, too few to keep a multiple of {multiple} and "
+            f"remove any; use a smaller {{{key}}} (1 keeps exactly the fraction)",
+            **{key: multiple},
         )
     return min(max(round(kept / multiple) * multiple, multiple), largest)
+
+
+def _heads_removed(spec: PruneSpec, available: int) -> int:
+    """KV groups (or queries per group) removed: the fraction, then the kept count rounded to
+    `heads_multiple_of`."""
+    by_group = spec.head_unit == "kv_group"
+    removed = _count_removed(
+        spec.heads_fraction,
+        available,
+        "heads_fraction",
+        "key-value head groups" if by_group else "query heads of each group",
+    )
+    if removed and spec.heads_multiple_of > 1:
+        kept = _kept_multiple(
+            available - removed,
+            available,
+            spec.heads_multiple_of,
+            "heads_multiple_of",
+            "the model has {} KV groups" if by_group else "each KV group has {} queries",
+        )
+        removed = available - kept
+    return removed
 
 
 def prune_width(
@@ -71,12 +99,7 @@ def prune_width(
         return {"num_attention_heads": kv * per_group, "num_key_value_heads": kv}
 
     available = num_kv if head_unit == "kv_group" else group
-    heads_removed = _count_removed(
-        heads_fraction,
-        available,
-        "heads_fraction",
-        "key-value head groups" if head_unit == "kv_group" else "query heads of each group",
-    )
+    heads_removed = _heads_removed(spec, available)
     channels_removed = _count_removed(mlp_fraction, intermediate, "mlp_fraction", "MLP channels")
     if channels_removed and spec.multiple_of > 1:
         channels_removed = intermediate - _kept_multiple(

@@ -20,7 +20,6 @@ from distill.objective.losses import (
     _check_chunk_size,
     _check_index_range,
     _check_labels,
-    _check_topk,
     _make_output,
     _math_dtype,
     _objective_on_rows,
@@ -32,6 +31,7 @@ from distill.objective.losses import (
     sampled_tail_kl,
     teacher_bucket_logprobs,
     term_per_token,
+    valid_topk,
 )
 
 
@@ -351,19 +351,7 @@ def chunked_logit_objective(
         teacher_hidden_valid = _select_rows(teacher_hidden.detach(), rows)
         teacher_weight = teacher_head_weight.detach()[:vocab]
     if teacher_topk is not None:
-        topk = tuple(
-            _select_rows(t.detach(), rows)
-            if t.dtype.is_floating_point
-            else _select_rows(t, rows).long()
-            for t in _check_topk(teacher_topk, student_hidden.shape[0], vocab)
-        )
-        for name, index in zip(("indices", "tail_ids"), topk[1:3]):
-            _check_index_range(
-                f"teacher_topk {name}",
-                index,
-                vocab,
-                "was the cache written with the same tokenizer?",
-            )
+        topk = valid_topk(teacher_topk, rows, student_hidden.shape[0], vocab)
     grad_enabled = torch.is_grad_enabled()
     total, sums = _ChunkedLogitObjective.apply(
         hidden,

@@ -426,6 +426,23 @@ def _check_topk(
     return logprobs, indices, tail_ids, tail_entropy
 
 
+def valid_topk(
+    teacher_topk: tuple[torch.Tensor, ...], rows: torch.Tensor, num_rows: int, vocab: int
+) -> tuple[torch.Tensor, ...]:
+    """The top-k teacher (checked) on the valid rows: values detached, ids as int64."""
+    topk = tuple(
+        _select_rows(t.detach(), rows)
+        if t.dtype.is_floating_point
+        else _select_rows(t, rows).long()
+        for t in _check_topk(teacher_topk, num_rows, vocab)
+    )
+    for name, index in zip(("indices", "tail_ids"), topk[1:3]):
+        _check_index_range(
+            f"teacher_topk {name}", index, vocab, "was the cache written with the same tokenizer?"
+        )
+    return topk
+
+
 def _check_index_range(name: str, index: torch.Tensor, vocab: int, fix: str) -> None:
     """One host sync; out-of-range ids would otherwise be a device assert or silent padding reads."""
     if index.numel() == 0:
@@ -506,19 +523,7 @@ def naive_logit_objective(
         teacher_logits_valid = _select_rows(teacher_logits[:, :vocab], rows).detach()
     topk_valid = None
     if teacher_topk is not None:
-        topk_valid = tuple(
-            _select_rows(t, rows).detach()
-            if t.dtype.is_floating_point
-            else _select_rows(t, rows).long()
-            for t in _check_topk(teacher_topk, num_rows, vocab)
-        )
-        for name, index in zip(("indices", "tail_ids"), topk_valid[1:3]):
-            _check_index_range(
-                f"teacher_topk {name}",
-                index,
-                vocab,
-                "was the cache written with the same tokenizer?",
-            )
+        topk_valid = valid_topk(teacher_topk, rows, num_rows, vocab)
     total, sums = _objective_on_rows(
         student, valid_labels, terms, float(ce_weight), teacher_logits_valid, topk_valid
     )

@@ -87,8 +87,8 @@ def run_cache_stage(ctx: RunContext, stage, fingerprint: str) -> StageResult:
         write_manifest(root, {**identity, "wall_s": wall_s}, blocks, shards)
     acc.wait_for_everyone()
     ctx.log(
-        f"teacher cache {root}: {len(blocks)} blocks, k={spec.k}, {size / positions:.1f} bytes "
-        f"per token, {size / 2**20:.1f} MiB"
+        f"teacher cache {root}: {len(blocks)} blocks, k={spec.k}, {spec.tail_samples} tail "
+        f"samples, {size / positions:.1f} bytes per token, {size / 2**20:.1f} MiB"
     )
     metrics = _heldout(ctx, teacher, stage)
     computed_tokens = int(acc.reduce(torch.tensor(written, device=acc.device), "sum"))
@@ -107,6 +107,7 @@ def run_cache_stage(ctx: RunContext, stage, fingerprint: str) -> StageResult:
         wall_s=wall_s,
         tokens_per_s=computed_tokens / max(wall_s, 1e-9) if computed_tokens else None,
         k=spec.k,
+        tail_samples=spec.tail_samples,
         bytes_per_token=size / positions,
     )
 

@@ -205,9 +205,10 @@ def _export_lines(export: dict, source: dict) -> list[str]:
 def _cache_reuse(cache: dict, readers: list[dict]) -> str:
     """How much teacher work an offline cache saved: computed once, read by every reader."""
     trained = sum(r.get("tokens") or 0 for r in readers)
+    samples = f" + {cache['tail_samples']} tail samples" if cache.get("tail_samples") else ""
     return (
-        f"{cache['name']}: {cache['tokens']:,} teacher tokens computed once (k={cache['k']}, "
-        f"{cache['bytes_per_token']:.0f} bytes/token) and reused by {len(readers)} stages "
+        f"{cache['name']}: {cache['tokens']:,} teacher tokens computed once (k={cache['k']}"
+        f"{samples}, {cache['bytes_per_token']:.0f} bytes/token) and reused by {len(readers)} stages "
         f"({', '.join(r['name'] for r in readers) or 'none'}) that trained on {trained:,} tokens "
         "without running the teacher"
     )

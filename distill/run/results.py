@@ -46,12 +46,14 @@ class StageResult:
     """Prune stages: what was removed (the prune record's details)."""
     fake_quant_after: int | None = None
     teacher_cache: str | None = None
+    """Training stages: the offline teacher cache they read."""
     on_policy: dict | None = None
     """On-policy training stages: steps, generated tokens, generation vs training time, mean
     completion length, the teacher's mean log-probability of the samples."""
-    """Training stages: the offline teacher cache they read."""
     k: int | None = None
     """`cache-teacher` stages: top-k tokens stored per position."""
+    tail_samples: int | None = None
+    """`cache-teacher` stages: tokens sampled from the teacher's tail per position."""
     bytes_per_token: float | None = None
     """`cache-teacher` stages: bytes on disk per cached position."""
     latency_s: float | None = None

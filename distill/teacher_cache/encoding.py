@@ -116,15 +116,17 @@ def _sample_tail(
     restricted distribution's entropy. A row whose tail has no mass (every logit outside the top k
     is -inf, as with masked tokens) draws uniformly from it: its tail weight (the stored log_tail)
     is 0, so the draws do not matter, but they must still lie outside the top k."""
-    outside = torch.ones_like(logprobs, dtype=torch.bool).scatter_(1, ids, False)
-    tail_logprobs = logprobs.masked_fill(~outside, -math.inf)
-    normalizer = torch.logsumexp(tail_logprobs, 1, keepdim=True)
-    empty = ~torch.isfinite(normalizer.squeeze(1))
-    tail_logprobs = torch.where(empty[:, None], outside.float().log(), tail_logprobs - normalizer)
-    weights = tail_logprobs.exp()
+    weights = logprobs.exp().scatter_(1, ids, 0.0)  # multinomial takes unnormalised weights
+    mass = weights.sum(1)
+    # H(p / m) = log m - sum(p log p) / m over the tail
+    finite = logprobs.clamp_min(torch.finfo(logprobs.dtype).min)  # 0 * -inf would be nan
+    entropy = mass.log() - (weights * finite).sum(1) / mass
+    empty = mass <= 0
+    if empty.any():
+        weights[empty] = torch.ones_like(weights[empty]).scatter_(1, ids[empty], 0.0)
+        entropy[empty] = 0.0
     samples = torch.multinomial(weights, count, replacement=True, generator=generator)
-    entropy = -torch.where(weights > 0, weights * tail_logprobs, 0.0).sum(1)
-    return samples, entropy.masked_fill(empty, 0.0)
+    return samples, entropy
 
 
 def decode_topk(records: np.ndarray) -> tuple[torch.Tensor, ...]:
