@@ -34,6 +34,7 @@ from distill.compress.gguf_export import (
     gguf_architecture,
     quantized_bytes_ratio,
 )
+from distill.compress.gguf_rope import apply_file_rope
 from distill.compress.grids import Grid, target_grid
 from distill.errors import RecipeError
 from distill.files import atomic_dir, atomic_file
@@ -206,6 +207,8 @@ def load_exported(result: ExportResult, dtype: torch.dtype = torch.float32):
     else:
         kwargs = {}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
+    if kwargs:  # transformers' GGUF loader leaves RoPE unscaled: the file's frequencies, as served
+        model = apply_file_rope(model, result.path)
     return unpack_on_load(model), AutoTokenizer.from_pretrained(path, **kwargs)
 
 

@@ -5,7 +5,8 @@ Tensor names come from ``gguf.get_tensor_name_map``, metadata keys from ``GGUFWr
 quantization from ``gguf.quants`` (whose Q4_0/Q8_0 are bit-exact with llama.cpp's reference
 quantizer, and which ``distill.compress.grids`` reproduces for training). Types follow the
 converter: 1-d tensors and norms in F32, the other matrices in the file's type, the token
-embeddings and output head in ``embeddings`` (Q8_0 by default for Q4_0/Q8_0 files).
+embeddings and output head in ``embeddings`` (Q8_0 by default for Q4_0/Q8_0 files). Scaled RoPE
+(``llama3``, ``linear``) is written as the converter writes it (``distill.compress.gguf_rope``).
 
 The tokenizer goes into the file: byte-level BPE with GPT-2's pre-tokenization, named ``gpt-2``
 (the name llama.cpp knows it by; its converter recognises tokenizers by the hash of a test string's
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from distill.compress.gguf_rope import check_rope, write_rope
 from distill.errors import RecipeError
 
 ARCHITECTURES = {
@@ -42,13 +44,7 @@ def gguf_architecture(config) -> str:
             f"here; supported: {', '.join(sorted(ARCHITECTURES))}. Export it as safetensors and "
             "use llama.cpp's convert_hf_to_gguf.py, or export compressed-tensors for vLLM"
         )
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in (None, "default"):
-        raise RecipeError(
-            f"GGUF export: rope_type {rope_type!r} (RoPE scaling) is not written here; only "
-            "unscaled RoPE is"
-        )
+    check_rope(config, arch)
     return arch
 
 
@@ -158,7 +154,6 @@ def _write_hparams(writer, config, arch: str, kind: str, name: str) -> None:
     head_dim = getattr(config, "head_dim", None) or (
         config.hidden_size // config.num_attention_heads
     )
-    rope = getattr(config, "rope_parameters", None) or {}
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     writer.add_block_count(config.num_hidden_layers)
@@ -167,7 +162,7 @@ def _write_hparams(writer, config, arch: str, kind: str, name: str) -> None:
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 1e4))))
+    write_rope(writer, config, head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
