@@ -102,18 +102,10 @@ def time_torch(model, prompt: list[int], new_tokens: int) -> tuple[float, float]
 
 
 def time_llama_cpp(llm, prompt: list[int], new_tokens: int) -> tuple[float, float]:
-    # reset() empties the KV cache first: generate() would otherwise reuse the cached prompt of
-    # the previous run and skip the prefill that TTFT measures.
-    llm.reset()
-    start = time.perf_counter()
-    steps = llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True)
-    next(steps)
-    ttft_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(new_tokens - 1):
-        next(steps)
-    decode_s = time.perf_counter() - start
-    steps.close()
+    """(time to first token in s, decode tokens/s) of greedy generation in llama.cpp."""
+    from distill.compress.export import llama_cpp_generation
+
+    ttft_s, decode_s = llama_cpp_generation(llm, prompt, new_tokens)
     return ttft_s, (new_tokens - 1) / decode_s
 
 

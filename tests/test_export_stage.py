@@ -3,6 +3,7 @@ runtime, keeps the perplexity its qat stage measured with fake quantization (the
 on the same grid), and the file exported onto the other grid is recorded beside it. Schemes a
 target cannot hold fail `distill check` with the supported choice named."""
 
+import importlib.util
 import json
 
 import pytest
@@ -37,7 +38,7 @@ STAGES = [
 
 
 def test_exports_keep_the_qat_perplexity_through_each_runtime(tmp_path):
-    recipe = tiny_recipe(tmp_path / "r.yaml", STAGES)
+    recipe = tiny_recipe(tmp_path / "r.yaml", STAGES, eval={"latency": True, "latency_tokens": 4})
     run_cli("run", recipe)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]
     by_name = {e["name"]: e for e in summary}
@@ -56,6 +57,12 @@ def test_exports_keep_the_qat_perplexity_through_each_runtime(tmp_path):
     assert ct["grid"] == ct["trained_grid"] == "ct-int4-g32"
     ct_ppl = ct["runtimes"]["transformers"]["perplexity"]
     assert ct_ppl == pytest.approx(by_name["qat-ct"]["eval"]["perplexity"], rel=3e-3)
+
+    # a GGUF file's speed is llama.cpp's, where it is installed; everything else's is torch's
+    speed = by_name["ship-q4_0"]["metrics"]["speed"]
+    assert speed["tokens_per_s"] > 0 and speed["time_to_first_token_s"] > 0
+    assert speed.get("runtime") == ("llama.cpp" if importlib.util.find_spec("llama_cpp") else None)
+    assert "runtime" not in by_name["ship-ct"]["metrics"]["speed"]
 
     report = (tmp_path / "run" / "report.md").read_text()
     assert (

@@ -18,6 +18,7 @@ and ``llama_cpp_nll`` (llama-cpp-python, the optional ``gguf`` extra).
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -248,6 +249,44 @@ def llama_cpp_nll(llm, blocks: torch.Tensor) -> tuple[float, int]:
         total -= logprobs.gather(-1, targets[:, None]).sum().item()
         count += len(block) - 1
     return total, count
+
+
+def llama_cpp_generation(llm, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """(seconds to the first token, seconds for the other ``new_tokens - 1``) of greedy
+    generation in llama.cpp from ``prompt`` (token ids), prefill included in the first."""
+    # reset() empties the KV cache first: generate() would otherwise reuse the cached prompt of
+    # the previous run and skip the prefill that the first token's time measures.
+    llm.reset()
+    start = time.perf_counter()
+    steps = llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True)
+    next(steps)
+    first_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        next(steps)
+    rest_s = time.perf_counter() - start
+    steps.close()
+    return first_s, rest_s
+
+
+def llama_cpp_speed(gguf_path: str | Path, prompt: list[int], new_tokens: int) -> dict:
+    """Generation speed of a GGUF file as llama.cpp serves it, with the keys of
+    :func:`distill.runtime.evaluate.generation_speed` (after a warm-up run)."""
+    llm = llama_cpp_model(gguf_path, n_ctx=len(prompt) + new_tokens + 8)
+    try:
+        llama_cpp_generation(llm, prompt, min(8, new_tokens))
+        first_s, rest_s = llama_cpp_generation(llm, prompt, new_tokens)
+    finally:
+        llm.close()
+    return {
+        "tokens_per_s": new_tokens / (first_s + rest_s),
+        "time_to_first_token_s": first_s,
+        "new_tokens": new_tokens,
+        "peak_mem_bytes": None,  # llama.cpp allocates outside torch, in this process
+        "peak_mem_kind": None,
+        "device": "cpu",
+        "runtime": "llama.cpp",
+    }
 
 
 VERIFY_TEXT = "def f(x):\n    return x  # ünïcode 🚀\n\n\t  spaces   and\ttabs\n"

@@ -23,6 +23,8 @@ class Artifact:
     """The model, ready to run (fake quantization on for a `ptq`/`qat` stage's weights)."""
     format: str
     scheme: str | None = None
+    file: Path | None = None
+    """The file a runtime other than torch serves (a GGUF file for llama.cpp)."""
 
 
 def _gguf(path: Path) -> Artifact:
@@ -32,7 +34,7 @@ def _gguf(path: Path) -> Artifact:
     model = AutoModelForCausalLM.from_pretrained(
         file.parent, gguf_file=file.name, dtype=torch.float32
     )
-    return Artifact(model.eval(), "gguf", file.stem)
+    return Artifact(model.eval(), "gguf", file.stem, file)
 
 
 def _fake_quant(path: Path) -> Artifact:

@@ -4,11 +4,13 @@ generation speed, as the `metrics` of the stage's summary entry."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from distill.compress.export import llama_cpp_speed
 from distill.config import EvalSpec
 from distill.errors import StopRequested
 from distill.models import count_params, dir_size_bytes
@@ -90,6 +92,7 @@ def _evaluate_dir(ctx: RunContext, stage, model_dir: str | None, source: str) ->
     spec = _eval_spec(ctx, stage)
     t0 = time.perf_counter()
     device = ctx.accelerator.device
+    artifact = None
     with distributed.hf_zero3_disabled():  # one whole copy on the main process, not partitioned
         if model_dir:
             artifact = load_artifact(model_dir)
@@ -102,6 +105,10 @@ def _evaluate_dir(ctx: RunContext, stage, model_dir: str | None, source: str) ->
     if teacher is not None:
         teacher.to(device)
     metrics = evaluate_model(ctx, model, spec, teacher)
+    if spec.latency and artifact and artifact.file and importlib.util.find_spec("llama_cpp"):
+        # a GGUF file is served by llama.cpp: its speed there, not that of the dequantized copy
+        prompt = ctx.data.eval[0, :16].tolist()
+        metrics["speed"] = llama_cpp_speed(artifact.file, prompt, spec.latency_tokens)
     if "teacher" in metrics:
         metrics["teacher"]["model"] = teacher_ref
     metrics["format"] = fmt
