@@ -170,11 +170,12 @@ class CacheSpec(Section):
     """What a `cache-teacher` stage writes: the teacher's top-k log-probabilities at T = 1 and
     their ids for every position of the cached blocks, optionally hidden states of some layers."""
 
-    k: int = Field(64, ge=1, le=1024)
+    k: int = Field(32, ge=1, le=1024)
     """Top-k tokens kept per position; the rest of the mass is one tail bucket."""
-    tail_samples: int = Field(0, ge=0, le=1024)
-    """Tokens drawn per position from the teacher's tail (outside the top k), 2 bytes each plus 2:
-    they make the forward KL (T = 1) from the cache unbiased for the whole vocabulary."""
+    tail_samples: int = Field(32, ge=0, le=1024)
+    """Tokens drawn per position from the teacher's tail (outside the top k), one id each plus 2
+    bytes: they make the forward KL (T = 1) from the cache unbiased for the whole vocabulary.
+    0: the top k and the tail's mass only (a student learns the tail's shape from CE alone)."""
     hidden_layers: list[int] = []
     """0-based teacher layers whose outputs are stored (bf16) for offline hidden-state losses."""
     blocks: int | None = Field(None, gt=0)

@@ -102,7 +102,9 @@ def run_cache_stage(ctx: RunContext, stage, fingerprint: str) -> StageResult:
         size_bytes=size,
         perplexity=metrics["perplexity"],
         loss=metrics["loss"],
-        scheme=identity["encoding"],
+        scheme=f"{identity['encoding']}+tail{spec.tail_samples}"
+        if spec.tail_samples
+        else identity["encoding"],
         tokens=len(blocks) * ctx.data.seq_len,
         wall_s=wall_s,
         tokens_per_s=computed_tokens / max(wall_s, 1e-9) if computed_tokens else None,
