@@ -78,69 +78,63 @@ def recipe(tmp_path, assets, stage_changes=None, **changes):
     return path
 
 
-def fails(capsys, tmp_path, *args):
+def fails(tmp_path, *args):
     """Run the CLI (in this process), expect exit 2, and check no stage looks finished. Returns
     stderr. The real command's exit 2 is checked by test_bad_override_syntax and
     test_missing_optional_extra."""
-    proc = cli_here(capsys, *args, check=False)
+    proc = cli_here(*args, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert not list((tmp_path / "out").rglob("stage.json")) if (tmp_path / "out").exists() else True
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return proc.stderr
 
 
-def test_misspelt_key(tmp_path, assets, capsys):
-    err = fails(capsys, tmp_path, "run", recipe(tmp_path, assets, stage_changes={"objectiv": {}}))
+def test_misspelt_key(tmp_path, assets):
+    err = fails(tmp_path, "run", recipe(tmp_path, assets, stage_changes={"objectiv": {}}))
     assert "stages.0.objectiv: unknown key" in err and "Did you mean 'objective'" in err
 
 
-def test_wrong_type(tmp_path, assets, capsys):
-    err = fails(capsys, tmp_path, "run", recipe(tmp_path, assets), "stages.0.train.batch_size=four")
+def test_wrong_type(tmp_path, assets):
+    err = fails(tmp_path, "run", recipe(tmp_path, assets), "stages.0.train.batch_size=four")
     assert "stages.0.train.batch_size" in err and "'four'" in err and "integer" in err
 
 
-def test_value_out_of_range(tmp_path, assets, capsys):
-    err = fails(capsys, tmp_path, "run", recipe(tmp_path, assets), "stages.0.train.keep_last=1")
+def test_value_out_of_range(tmp_path, assets):
+    err = fails(tmp_path, "run", recipe(tmp_path, assets), "stages.0.train.keep_last=1")
     assert "keep_last" in err and "greater than or equal to 2" in err
 
 
-def test_stage_names_missing_stage(tmp_path, assets, capsys):
-    err = fails(
-        capsys, tmp_path, "run", recipe(tmp_path, assets, stage_changes={"teacher": "teachr"})
-    )
+def test_stage_names_missing_stage(tmp_path, assets):
+    err = fails(tmp_path, "run", recipe(tmp_path, assets, stage_changes={"teacher": "teachr"}))
     assert "'teachr' is neither an earlier stage" in err and "did you mean 'teacher'" in err
 
 
-def test_missing_model_path(tmp_path, assets, capsys):
-    err = fails(
-        capsys, tmp_path, "run", recipe(tmp_path, assets), f"models.teacher.path={tmp_path}/nope"
-    )
+def test_missing_model_path(tmp_path, assets):
+    err = fails(tmp_path, "run", recipe(tmp_path, assets), f"models.teacher.path={tmp_path}/nope")
     assert "models.teacher.path" in err and "does not exist" in err
 
 
-def test_missing_data_files(tmp_path, assets, capsys):
-    err = fails(
-        capsys, tmp_path, "run", recipe(tmp_path, assets), f"data.files=[{tmp_path}/none/*.txt]"
-    )
+def test_missing_data_files(tmp_path, assets):
+    err = fails(tmp_path, "run", recipe(tmp_path, assets), f"data.files=[{tmp_path}/none/*.txt]")
     assert "data.files.0" in err and "matches no file" in err
 
 
-def test_model_dir_without_config(tmp_path, assets, capsys):
+def test_model_dir_without_config(tmp_path, assets):
     broken = tmp_path / "broken"
     broken.mkdir()
-    err = fails(capsys, tmp_path, "run", recipe(tmp_path, assets), f"models.teacher.path={broken}")
+    err = fails(tmp_path, "run", recipe(tmp_path, assets), f"models.teacher.path={broken}")
     assert "no config.json" in err and "save_pretrained" in err
 
 
-def test_corrupt_model_weights(tmp_path, assets, capsys):
+def test_corrupt_model_weights(tmp_path, assets):
     broken = tmp_path / "corrupt"
     shutil.copytree(assets / "teacher", broken)
     (broken / "model.safetensors").write_bytes(b"\0" * 100)
-    err = fails(capsys, tmp_path, "run", recipe(tmp_path, assets), f"models.teacher.path={broken}")
+    err = fails(tmp_path, "run", recipe(tmp_path, assets), f"models.teacher.path={broken}")
     assert "could not load" in err and "corrupt" in err and "re-save" in err
 
 
-def test_tokenizer_mismatch(tmp_path, assets, capsys):
+def test_tokenizer_mismatch(tmp_path, assets):
     from distill.config import TokenizerTrainSpec
     from distill.data.tokenizer import train_tokenizer
 
@@ -149,54 +143,54 @@ def test_tokenizer_mismatch(tmp_path, assets, capsys):
     train_tokenizer(
         ["some other text entirely " * 40] * 20, TokenizerTrainSpec(vocab_size=290, min_frequency=1)
     ).save_pretrained(other)
-    err = fails(capsys, tmp_path, "run", recipe(tmp_path, assets), f"models.teacher.path={other}")
+    err = fails(tmp_path, "run", recipe(tmp_path, assets), f"models.teacher.path={other}")
     assert "tokenizer mismatch" in err and "shared tokenizer" in err
 
 
-def test_width_mismatch_without_projections(tmp_path, assets, capsys):
+def test_width_mismatch_without_projections(tmp_path, assets):
     hidden = {"objective": {"hidden": {"kind": "mse", "projection": False}}}
-    err = fails(capsys, tmp_path, "run", recipe(tmp_path, assets, stage_changes=hidden))
+    err = fails(tmp_path, "run", recipe(tmp_path, assets, stage_changes=hidden))
     assert "32" in err and "64" in err and "projection: true" in err
 
 
-def test_layer_map_out_of_range(tmp_path, assets, capsys):
+def test_layer_map_out_of_range(tmp_path, assets):
     hidden = {"objective": {"hidden": {"layer_map": [[0, 1], [5, 3]]}}}
-    err = fails(capsys, tmp_path, "run", recipe(tmp_path, assets, stage_changes=hidden))
+    err = fails(tmp_path, "run", recipe(tmp_path, assets, stage_changes=hidden))
     assert "[5, 3]" in err or "(5, 3)" in err
     assert "layer_map" in err
 
 
-def test_sequence_longer_than_model(tmp_path, assets, capsys):
-    err = fails(capsys, tmp_path, "run", recipe(tmp_path, assets), "data.seq_len=128")
+def test_sequence_longer_than_model(tmp_path, assets):
+    err = fails(tmp_path, "run", recipe(tmp_path, assets), "data.seq_len=128")
     assert "max_position_embeddings=64" in err and "data.seq_len" in err
 
 
-def test_empty_data(tmp_path, assets, capsys):
+def test_empty_data(tmp_path, assets):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "a.txt").write_text("\n\n   \n")
-    err = fails(capsys, tmp_path, "run", recipe(tmp_path, assets), f"data.files=[{empty}/*.txt]")
+    err = fails(tmp_path, "run", recipe(tmp_path, assets), f"data.files=[{empty}/*.txt]")
     assert "no non-empty text" in err
 
 
-def test_text_without_one_full_block(tmp_path, assets, capsys):
+def test_text_without_one_full_block(tmp_path, assets):
     short = tmp_path / "short"
     short.mkdir()
     for name in ("a", "b", "c"):
         (short / f"{name}.txt").write_text("x = 1")
-    err = fails(capsys, tmp_path, "run", recipe(tmp_path, assets), f"data.files=[{short}/*.txt]")
+    err = fails(tmp_path, "run", recipe(tmp_path, assets), f"data.files=[{short}/*.txt]")
     assert "not one full block" in err and "lower `data.seq_len`" in err
 
 
-def test_missing_text_field(tmp_path, assets, capsys):
+def test_missing_text_field(tmp_path, assets):
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps({"body": t}) for t in TEXT))
-    err = fails(capsys, tmp_path, "run", recipe(tmp_path, assets), f"data.files=[{path}]")
+    err = fails(tmp_path, "run", recipe(tmp_path, assets), f"data.files=[{path}]")
     assert "column 'text' is not in" in err and "data.text_field" in err
 
 
-def test_missing_recipe_file(tmp_path, capsys):
-    err = fails(capsys, tmp_path, "run", tmp_path / "nope.yaml")
+def test_missing_recipe_file(tmp_path):
+    err = fails(tmp_path, "run", tmp_path / "nope.yaml")
     assert "does not exist" in err
 
 
@@ -205,19 +199,18 @@ def test_bad_override_syntax(tmp_path, assets):
     assert proc.returncode == 2 and "unrecognized arguments: --no-such-flag" in proc.stderr
 
 
-def _finished_run(tmp_path, assets, capsys):
+def _finished_run(tmp_path, assets):
     path = recipe(tmp_path, assets)
-    cli_here(capsys, "run", path, "stages.0.train.max_steps=2", "stages.0.train.save_every=1")
+    cli_here("run", path, "stages.0.train.max_steps=2", "stages.0.train.save_every=1")
     stage = tmp_path / "out" / "distilled"
     (stage / "stage.json").unlink()  # pretend it was interrupted after its last checkpoint
     shutil.rmtree(stage / "model")
     return path, stage
 
 
-def test_checkpoint_from_a_different_recipe(tmp_path, assets, capsys):
-    path, stage = _finished_run(tmp_path, assets, capsys)
+def test_checkpoint_from_a_different_recipe(tmp_path, assets):
+    path, stage = _finished_run(tmp_path, assets)
     err = fails(
-        capsys,
         tmp_path,
         "run",
         path,
@@ -227,7 +220,6 @@ def test_checkpoint_from_a_different_recipe(tmp_path, assets, capsys):
     )
     assert "different recipe or stage settings" in err and "--force-resume" in err
     forced = cli_here(
-        capsys,
         "run",
         path,
         "stages.0.train.max_steps=2",
@@ -238,25 +230,21 @@ def test_checkpoint_from_a_different_recipe(tmp_path, assets, capsys):
     assert "resumed from" in forced.stderr
 
 
-def test_checkpoint_from_a_different_world_size(tmp_path, assets, capsys):
+def test_checkpoint_from_a_different_world_size(tmp_path, assets):
     from distill.runtime.checkpoint import write_manifest
 
-    path, stage = _finished_run(tmp_path, assets, capsys)
+    path, stage = _finished_run(tmp_path, assets)
     newest = sorted((stage / "checkpoints").glob("step_*"))[-1]
     state = json.loads((newest / "trainer_state.json").read_text())
     state["world_size"] = 8
     (newest / "trainer_state.json").write_text(json.dumps(state))
     write_manifest(newest)
-    err = fails(
-        capsys, tmp_path, "run", path, "stages.0.train.max_steps=2", "stages.0.train.save_every=1"
-    )
+    err = fails(tmp_path, "run", path, "stages.0.train.max_steps=2", "stages.0.train.save_every=1")
     assert "written by 8 processes" in err and "Relaunch with 8 processes" in err
 
 
-def test_resume_from_missing_checkpoint(tmp_path, assets, capsys):
-    err = fails(
-        capsys, tmp_path, "run", recipe(tmp_path, assets), f"stages.0.train.resume={tmp_path}/ck"
-    )
+def test_resume_from_missing_checkpoint(tmp_path, assets):
+    err = fails(tmp_path, "run", recipe(tmp_path, assets), f"stages.0.train.resume={tmp_path}/ck")
     assert "train.resume" in err and "no such directory" in err
 
 

@@ -231,7 +231,7 @@ def test_pruned_student_recovers_under_zero2_like_one_process(tmp_path):
         assert recovered["sparsity"] == pytest.approx(0.5, abs=0.01)
 
 
-def test_non_finite_steps_are_skipped_under_zero3(tmp_path, capsys):
+def test_non_finite_steps_are_skipped_under_zero3(tmp_path):
     """DeepSpeed steps inside `backward`; a NaN loss gives an infinite gradient norm there, so
     DeepSpeed skips the update and the loop counts the step as skipped on every rank: the steps
     after it train exactly as in one process."""
@@ -239,7 +239,7 @@ def test_non_finite_steps_are_skipped_under_zero3(tmp_path, capsys):
     recipe = tiny_recipe(tmp_path / "recipe.yaml", stages)
     fault = {"DISTILL_FAULT": "nan_at=2-3", "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
-    cli_here(capsys, "run", recipe, "train.grad_accum=2", f"output_dir={one}", env=fault)
+    cli_here("run", recipe, "train.grad_accum=2", f"output_dir={one}", env=fault)
     proc = launch(CONFIGS["zero3"], recipe, f"output_dir={two}", env=fault)
     assert proc.stderr.count("skipping this optimizer step on every rank") == 2
     want, got = (losses_by_step(d / "base" / "metrics.jsonl") for d in (one, two))
@@ -280,8 +280,8 @@ def test_launch_config_and_recipe_disagree(tmp_path):
     assert not (tmp_path / "run" / "base").exists()  # nothing trained
 
 
-def test_zero3_teacher_without_deepspeed_is_refused(recipe, tmp_path, capsys):
-    proc = cli_here(capsys, "run", recipe, f"output_dir={tmp_path / 'run'}", check=False)
+def test_zero3_teacher_without_deepspeed_is_refused(recipe, tmp_path):
+    proc = cli_here("run", recipe, f"output_dir={tmp_path / 'run'}", check=False)
     assert proc.returncode == 2
     assert "`teacher.placement: zero3` needs a DeepSpeed launch" in proc.stderr
     assert "launch/zero3.yaml" in proc.stderr

@@ -63,12 +63,12 @@ def steps_of(rows):
         "11.1",  # in the second epoch, after the checkpoint of step 10
     ],
 )
-def test_sigkill_then_resume_is_bitwise_identical(reference, tmp_path, kill_at, capsys):
+def test_sigkill_then_resume_is_bitwise_identical(reference, tmp_path, kill_at):
     run, recipe = fresh_run(reference, tmp_path)
     killed = run_cli("run", recipe, env={"DISTILL_FAULT": f"kill_at_micro={kill_at}"}, check=False)
     assert killed.returncode == -signal.SIGKILL
     assert not (run / "distilled" / "stage.json").exists()  # not mistaken for a finished stage
-    resumed = cli_here(capsys, "run", recipe)
+    resumed = cli_here("run", recipe)
     assert "resumed from" in resumed.stderr
     expected = losses_by_step(reference / "run" / "distilled" / "metrics.jsonl")
     got = losses_by_step(run / "distilled" / "metrics.jsonl")
@@ -80,7 +80,7 @@ def test_sigkill_then_resume_is_bitwise_identical(reference, tmp_path, kill_at, 
     assert same_weights(reference / "run" / "distilled" / "model", run / "distilled" / "model")
 
 
-def test_sigkill_during_save_keeps_previous_checkpoint(reference, tmp_path, capsys):
+def test_sigkill_during_save_keeps_previous_checkpoint(reference, tmp_path):
     run, recipe = fresh_run(reference, tmp_path)
     proc = start_cli("run", recipe, env={"DISTILL_FAULT": "slow_save=30"})
     ckpts = run / "distilled" / "checkpoints"
@@ -92,7 +92,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(reference, tmp_path, caps
     proc.wait()
     assert any(p.name.startswith(".tmp-") for p in _ls(ckpts))
     assert not [p for p in _ls(ckpts) if p.name.startswith("step_")]
-    resumed = cli_here(capsys, "run", recipe)
+    resumed = cli_here("run", recipe)
     assert "resumed from" not in resumed.stderr  # nothing whole to resume from: starts over
     assert not any(p.name.startswith(".tmp-") for p in _ls(ckpts))
     assert losses_by_step(run / "distilled" / "metrics.jsonl") == losses_by_step(
@@ -122,7 +122,7 @@ def _killed_after_step_8(killed, tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte", "no_manifest", "delete_file"])
 def test_damaged_newest_checkpoint_falls_back_to_previous(
-    reference, killed_after_step_8, tmp_path, damage, capsys
+    reference, killed_after_step_8, tmp_path, damage
 ):
     run, recipe, newest = _killed_after_step_8(killed_after_step_8, tmp_path)
     manifest = json.loads((newest / "MANIFEST.json").read_text())["files"]
@@ -137,7 +137,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(
         (newest / "MANIFEST.json").unlink()
     else:
         victim.unlink()
-    resumed = cli_here(capsys, "run", recipe)
+    resumed = cli_here("run", recipe)
     assert f"skipping checkpoint {newest}" in resumed.stderr
     assert "resumed from" in resumed.stderr and "step_00000006" in resumed.stderr
     assert losses_by_step(run / "distilled" / "metrics.jsonl") == losses_by_step(
@@ -145,9 +145,9 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(
     )
 
 
-def test_disk_full_during_save_is_clear_and_keeps_previous(reference, tmp_path, capsys):
+def test_disk_full_during_save_is_clear_and_keeps_previous(reference, tmp_path):
     run, recipe = fresh_run(reference, tmp_path)
-    proc = cli_here(capsys, "run", recipe, env={"DISTILL_FAULT": "enospc_at_save=4"}, check=False)
+    proc = cli_here("run", recipe, env={"DISTILL_FAULT": "enospc_at_save=4"}, check=False)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     # the fault fails the real write (into /dev/full): torch.save raises its RuntimeError
@@ -157,7 +157,7 @@ def test_disk_full_during_save_is_clear_and_keeps_previous(reference, tmp_path, 
     assert "step_00000002) is intact" in proc.stderr
     names = [p.name for p in (run / "distilled" / "checkpoints").iterdir()]
     assert names == ["step_00000002"]
-    resumed = cli_here(capsys, "run", recipe)
+    resumed = cli_here("run", recipe)
     assert "resumed from" in resumed.stderr and "step_00000002" in resumed.stderr
 
 
@@ -166,9 +166,9 @@ def test_keep_last_deletes_only_after_commit(reference):
     assert names == ["step_00000008", "step_00000010", "step_00000012"]
 
 
-def test_nan_steps_are_skipped_then_the_run_stops(reference, tmp_path, capsys):
+def test_nan_steps_are_skipped_then_the_run_stops(reference, tmp_path):
     run, recipe = fresh_run(reference, tmp_path)
-    proc = cli_here(capsys, "run", recipe, env={"DISTILL_FAULT": "nan_at=3"})
+    proc = cli_here("run", recipe, env={"DISTILL_FAULT": "nan_at=3"})
     rows = [r for r in all_rows(run / "distilled" / "metrics.jsonl") if r.get("skipped")]
     assert [r["step"] for r in rows] == [4]  # step index 3 is logged as step 4
     assert "non-finite loss" in proc.stderr
@@ -176,14 +176,14 @@ def test_nan_steps_are_skipped_then_the_run_stops(reference, tmp_path, capsys):
     assert summary[-1]["skipped_steps"] == 1
 
     run2, recipe2 = fresh_run(reference, tmp_path / "again")
-    proc = cli_here(capsys, "run", recipe2, env={"DISTILL_FAULT": "nan_at=3-11"}, check=False)
+    proc = cli_here("run", recipe2, env={"DISTILL_FAULT": "nan_at=3-11"}, check=False)
     assert proc.returncode == 1
     assert "5 consecutive steps with a non-finite loss" in proc.stderr
     assert "step_00000006" in proc.stderr  # where the last good checkpoint is
     assert not (run2 / "distilled" / "stage.json").exists()
 
 
-def test_sigterm_saves_and_exits_75_then_resumes(reference, tmp_path, capsys):
+def test_sigterm_saves_and_exits_75_then_resumes(reference, tmp_path):
     run, recipe = fresh_run(reference, tmp_path)
     proc = start_cli("run", recipe, env={"DISTILL_FAULT": "step_sleep=0.3"}, text=True)
     metrics = run / "distilled" / "metrics.jsonl"
@@ -199,7 +199,7 @@ def test_sigterm_saves_and_exits_75_then_resumes(reference, tmp_path, capsys):
     stopped_at = max(steps_of(all_rows(metrics)))
     assert (run / "distilled" / "checkpoints" / f"step_{stopped_at:08d}").is_dir()
     assert stopped_at < 12
-    resumed = cli_here(capsys, "run", recipe)
+    resumed = cli_here("run", recipe)
     assert f"at step {stopped_at}" in resumed.stderr
     assert losses_by_step(metrics) == losses_by_step(
         reference / "run" / "distilled" / "metrics.jsonl"

@@ -129,7 +129,7 @@ def test_editing_an_input_rebuilds_the_store_and_only_then(tmp_path):
     assert any("training and" in line for line in logs)  # built again
 
 
-def test_an_interrupted_build_never_looks_complete(tmp_path, capsys):
+def test_an_interrupted_build_never_looks_complete(tmp_path):
     corpus(tmp_path / "corpus")
     path, recipe = recipe_at(tmp_path, shard_tokens=50, num_proc=1)
     out = recipe.resolved_output_dir
@@ -139,7 +139,7 @@ def test_an_interrupted_build_never_looks_complete(tmp_path, capsys):
     stopped = run_cli("data", path, env={"DISTILL_FAULT": "term_after_store_shard=3"}, check=False)
     assert stopped.returncode == 75 and "Traceback" not in stopped.stderr
     assert not (out / "data").exists() and not (out / "data.partial").exists()  # cleaned up
-    assert "token store" in cli_here(capsys, "data", path).stdout
+    assert "token store" in cli_here("data", path).stdout
     _, whole = recipe_at(tmp_path, "b.yaml", str(tmp_path / "b"), shard_tokens=50)
     expected = TokenStore(prepare(whole).store_dir).manifest["splits"]
     assert TokenStore(out / "data").manifest["splits"] == expected
@@ -200,7 +200,7 @@ def test_another_tokenizer_is_refused_and_a_copied_store_is_used_as_it_is(tmp_pa
     assert torch.equal(used.data.eval, built.data.eval) and used.fingerprint == built.fingerprint
 
 
-def test_training_resumes_bitwise_on_a_sharded_store(tmp_path, capsys):
+def test_training_resumes_bitwise_on_a_sharded_store(tmp_path):
     """Killed mid-epoch (6 steps of 4 blocks over ~85 blocks) on a store of 100-token shards."""
     corpus(tmp_path / "corpus", n=120)
     data = {"shard_tokens": 100}
@@ -224,11 +224,11 @@ def test_training_resumes_bitwise_on_a_sharded_store(tmp_path, capsys):
             tmp_path / f"{name}.yaml", stages, data=raw, output_dir=str(tmp_path / name)
         )
 
-    cli_here(capsys, "run", recipe("whole"))
+    cli_here("run", recipe("whole"))
     interrupted = recipe("resumed")
     killed = run_cli("run", interrupted, env={"DISTILL_FAULT": "kill_at_micro=5.0"}, check=False)
     assert killed.returncode == -signal.SIGKILL
-    assert "resumed from" in cli_here(capsys, "run", interrupted).stderr
+    assert "resumed from" in cli_here("run", interrupted).stderr
     expected = losses_by_step(tmp_path / "whole" / "student" / "metrics.jsonl")
     assert losses_by_step(tmp_path / "resumed" / "student" / "metrics.jsonl") == expected
 

@@ -78,18 +78,18 @@ def test_cache_stage_summary_and_students_trained_from_it(reference):
     assert "teacher tokens computed once" in report and "reused by 2 stages" in report
 
 
-def test_killed_training_from_a_cache_resumes_bitwise(reference, tmp_path, capsys):
+def test_killed_training_from_a_cache_resumes_bitwise(reference, tmp_path):
     run, recipe = copy_upto_teacher(reference, tmp_path)
     shutil.copytree(reference / "run" / "tcache", run / "tcache")
     killed = run_cli("run", recipe, env={"DISTILL_FAULT": "kill_at_micro=3.1"}, check=False)
     assert killed.returncode < 0
-    assert "resumed from" in cli_here(capsys, "run", recipe).stderr
+    assert "resumed from" in cli_here("run", recipe).stderr
     a, b = reference / "run" / "offline", run / "offline"
     assert losses_by_step(b / "metrics.jsonl") == losses_by_step(a / "metrics.jsonl")
     assert same_weights(a / "model", b / "model")
 
 
-def test_interrupted_cache_write_resumes_at_the_last_whole_shard(reference, tmp_path, capsys):
+def test_interrupted_cache_write_resumes_at_the_last_whole_shard(reference, tmp_path):
     stages = STAGES[:2]
     run, recipe = copy_upto_teacher(reference, tmp_path, stages)
     killed = run_cli("run", recipe, env={"DISTILL_FAULT": "kill_after_cache_shard=1"}, check=False)
@@ -100,7 +100,7 @@ def test_interrupted_cache_write_resumes_at_the_last_whole_shard(reference, tmp_
         "shard-00000.json",
         "shard-00001.json",
     ]
-    resumed = cli_here(capsys, "cache-teacher", recipe)
+    resumed = cli_here("cache-teacher", recipe)
     assert "resuming after 2 whole shards" in resumed.stderr
     manifest = json.loads((cache / "MANIFEST.json").read_text())
     expected = json.loads((reference / "run/tcache/cache/MANIFEST.json").read_text())
@@ -132,27 +132,27 @@ def _recipe_in(folder, stages):
     return tiny_recipe(folder / "recipe.yaml", stages)
 
 
-def test_mismatches_and_corruption_are_clear_errors(reference, tmp_path, capsys):
+def test_mismatches_and_corruption_are_clear_errors(reference, tmp_path):
     cache = reference / "run" / "tcache" / "cache"
     recipe = _recipe_in(tmp_path / "a", _reader(cache))
     shutil.copytree(reference / "run" / "tokenizer", tmp_path / "a" / "run" / "tokenizer")
     shutil.copytree(reference / "run" / "data", tmp_path / "a" / "run" / "data")
     _expect_error(
-        cli_here(capsys, "run", recipe, "data.seq_len=16", check=False), "seq_len: cache 32", "16"
+        cli_here("run", recipe, "data.seq_len=16", check=False), "seq_len: cache 32", "16"
     )
     _expect_error(
-        cli_here(capsys, "run", recipe, "tokenizer.train.vocab_size=300", check=False),
+        cli_here("run", recipe, "tokenizer.train.vocab_size=300", check=False),
         "tokenizer: cache",
         "vocab_size: cache 320, stage 'reader' 300",
     )
     _expect_error(
-        cli_here(capsys, "run", recipe, "stages.reader.train.max_steps=20", check=False),
+        cli_here("run", recipe, "stages.reader.train.max_steps=20", check=False),
         "visit",
         "raise the cache stage's `cache.blocks`",
     )
     logit_mse = _recipe_in(tmp_path / "b", _reader(cache, terms=[{"kind": "logit_mse"}]))
     _expect_error(
-        cli_here(capsys, "run", logit_mse, check=False), "logit_mse needs the teacher's full logits"
+        cli_here("run", logit_mse, check=False), "logit_mse needs the teacher's full logits"
     )
     broken = tmp_path / "broken"
     shutil.copytree(cache, broken)
@@ -161,9 +161,9 @@ def test_mismatches_and_corruption_are_clear_errors(reference, tmp_path, capsys)
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     corrupt = _recipe_in(tmp_path / "c", _reader(broken))
-    _expect_error(cli_here(capsys, "run", corrupt, check=False), f"shard {shard} is corrupt")
+    _expect_error(cli_here("run", corrupt, check=False), f"shard {shard} is corrupt")
     _expect_error(
-        cli_here(capsys, "run", _recipe_in(tmp_path / "d", _reader(tmp_path)), check=False),
+        cli_here("run", _recipe_in(tmp_path / "d", _reader(tmp_path)), check=False),
         "is not a finished teacher cache",
     )
 
@@ -188,21 +188,21 @@ def test_two_processes_write_and_read_their_own_rows(reference, tmp_path):
     assert max(abs(one[s] - two[s]) for s in one) < 1e-5
 
 
-def test_recipe_validation_of_cache_references(tmp_path, capsys):
+def test_recipe_validation_of_cache_references(tmp_path):
     bad = [*STAGES[:1], {**STAGES[2], "teacher": {"cache": "teacher"}}]
-    proc = cli_here(capsys, "check", tiny_recipe(tmp_path / "r.yaml", bad), check=False)
+    proc = cli_here("check", tiny_recipe(tmp_path / "r.yaml", bad), check=False)
     _expect_error(proc, "'teacher' is a `train` stage, not a `cache-teacher` stage")
     both = [*STAGES[:2], {**STAGES[2], "teacher": {"cache": "tcache", "model": "teacher"}}]
-    proc = cli_here(capsys, "check", tiny_recipe(tmp_path / "s.yaml", both), check=False)
+    proc = cli_here("check", tiny_recipe(tmp_path / "s.yaml", both), check=False)
     _expect_error(proc, "give exactly one of `model`")
     raw = yaml.safe_load(tiny_recipe(tmp_path / "t.yaml", STAGES[:2]).read_text())
     assert raw["stages"][1]["kind"] == "cache-teacher"
 
 
-def test_bench_measures_cache_online_and_ce_only_in_one_run(reference, tmp_path, capsys):
+def test_bench_measures_cache_online_and_ce_only_in_one_run(reference, tmp_path):
     out = tmp_path / "bench.json"
     recipe = reference / "recipe.yaml"
-    proc = cli_here(capsys, "bench", recipe, "--stage", "offline", "--steps", "1", "--warmup", "0",
+    proc = cli_here("bench", recipe, "--stage", "offline", "--steps", "1", "--warmup", "0",
                    "--json", out)  # fmt: skip
     assert "cache tokens/s:" in proc.stdout
     result = json.loads(out.read_text())
