@@ -36,7 +36,7 @@ def reference(tmp_path_factory):
     """An uninterrupted run, and a copy of its finished teacher to start interrupted runs from."""
     base = tmp_path_factory.mktemp("resume")
     recipe = tiny_recipe(base / "recipe.yaml", DISTILL)
-    run_cli("run", recipe)
+    cli_here("run", recipe)
     return base
 
 

@@ -41,7 +41,7 @@ STAGES = [
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     base = tmp_path_factory.mktemp("cache")
-    run_cli("run", tiny_recipe(base / "recipe.yaml", STAGES))
+    cli_here("run", tiny_recipe(base / "recipe.yaml", STAGES))
     return base
 
 
