@@ -57,6 +57,36 @@ def run_cli(*args, env=None, check=True, timeout=900, cwd=None):
     return proc
 
 
+def cli_here(*args, env=None, check=True):
+    """`distill *args` in this process (a fresh process costs ~3 s of imports), with `run_cli`'s
+    result: `returncode`, `stdout`, `stderr`. For tests about what a command does, not about the
+    process (signals, kills, launchers keep `run_cli`/`start_cli`). `env` holds for this call."""
+    import contextlib
+    import io
+    import subprocess
+
+    from distill.cli import main
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in (env or {}).items():
+            patch.setenv(key, value)
+        patch.chdir(ROOT)  # as run_cli: relative paths in a recipe are from the repo root
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as stop:  # argparse's usage errors
+                code = stop.code if isinstance(stop.code, int) else 1
+    proc = subprocess.CompletedProcess(["distill", *argv], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(
+            f"distill {' '.join(argv)} exited {code}\n"
+            f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"
+        )
+    return proc
+
+
 def start_cli(*args, env=None, text=False):
     """Start the real `distill` command in the background (to signal or kill it mid-run)."""
     import subprocess

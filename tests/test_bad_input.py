@@ -1,4 +1,4 @@
-"""Every bad input a user can give, through the real CLI, and the message they get.
+"""Every bad input a user can give, through the CLI, and the message they get.
 
 Each message must name the problem and the fix, the command must fail with exit code 2 (bad input),
 and nothing may be left behind that a later run would take for a finished stage.
@@ -10,7 +10,7 @@ import shutil
 import pytest
 import yaml
 
-from conftest import RECIPES, run_cli
+from conftest import RECIPES, cli_here, run_cli
 
 TEXT = [f"def func_{i}(a, b):\n    return a * {i} + b  # note {i}\n" * 20 for i in range(80)]
 
@@ -78,9 +78,11 @@ def recipe(tmp_path, assets, stage_changes=None, **changes):
     return path
 
 
-def fails(tmp_path, *args, env=None):
-    """Run the CLI, expect exit 2, and check no stage looks finished. Returns stderr."""
-    proc = run_cli(*args, env=env, check=False)
+def fails(tmp_path, *args):
+    """Run the CLI (in this process), expect exit 2, and check no stage looks finished. Returns
+    stderr. The real command's exit 2 is checked by test_bad_override_syntax and
+    test_missing_optional_extra."""
+    proc = cli_here(*args, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert not list((tmp_path / "out").rglob("stage.json")) if (tmp_path / "out").exists() else True
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -199,7 +201,7 @@ def test_bad_override_syntax(tmp_path, assets):
 
 def _finished_run(tmp_path, assets):
     path = recipe(tmp_path, assets)
-    run_cli("run", path, "stages.0.train.max_steps=2", "stages.0.train.save_every=1")
+    cli_here("run", path, "stages.0.train.max_steps=2", "stages.0.train.save_every=1")
     stage = tmp_path / "out" / "distilled"
     (stage / "stage.json").unlink()  # pretend it was interrupted after its last checkpoint
     shutil.rmtree(stage / "model")
@@ -217,7 +219,7 @@ def test_checkpoint_from_a_different_recipe(tmp_path, assets):
         "stages.0.train.lr=0.5",
     )
     assert "different recipe or stage settings" in err and "--force-resume" in err
-    forced = run_cli(
+    forced = cli_here(
         "run",
         path,
         "stages.0.train.max_steps=2",

@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import cli_here
 
 GOOD = [f"def good_{i}(a):\n    return a + {i}\n" * 8 for i in range(12)]
 
@@ -111,7 +111,7 @@ def recipe(tmp_path, tokenizer_dir, files, **data):
 def test_bad_input_is_a_clear_error_and_leaves_nothing(tmp_path, tokenizer_dir, case):
     make, expected = CASES[case]
     files = make(tmp_path / "corpus")
-    proc = run_cli("data", recipe(tmp_path, tokenizer_dir, files), check=False)
+    proc = cli_here("data", recipe(tmp_path, tokenizer_dir, files), check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "\ndistill: error: " in "\n" + proc.stderr
@@ -128,7 +128,7 @@ def test_on_error_skip_skips_and_counts(tmp_path, tokenizer_dir):
         "wide.txt": "hi\n".encode("utf-16"),
     }
     files = text_corpus(tmp_path / "corpus", bad)
-    proc = run_cli("data", recipe(tmp_path, tokenizer_dir, files, on_error="skip"))
+    proc = cli_here("data", recipe(tmp_path, tokenizer_dir, files, on_error="skip"))
     assert "3 bad ones skipped" in proc.stdout and "skipped 3 bad documents" in proc.stderr
     stats = json.loads((tmp_path / "out" / "data" / "stats.json").read_text())
     assert stats["skipped_documents"] == 3 and stats["documents"] == len(GOOD)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli, tiny_recipe
+from conftest import cli_here, tiny_recipe
 
 IN_NAMESPACE = "DISTILL_TEST_IN_NAMESPACE"
 
@@ -104,7 +104,7 @@ def test_a_full_disk_exits_2_keeps_the_checkpoint_and_refuses_a_first_save_that_
 
     fs = small_fs("2560k")
     recipe = tiny_recipe(fs / "recipe.yaml", STAGES)
-    proc = run_cli("run", recipe, env={"DISTILL_FAULT": "fill_disk_at_save=4"}, check=False)
+    proc = cli_here("run", recipe, env={"DISTILL_FAULT": "fill_disk_at_save=4"}, check=False)
     assert proc.returncode == 2, proc.stderr[-4000:]
     error = _one_paragraph_error(proc.stderr)
     checkpoints = fs / "run" / "student" / "checkpoints"
@@ -116,7 +116,7 @@ def test_a_full_disk_exits_2_keeps_the_checkpoint_and_refuses_a_first_save_that_
     assert verify(checkpoints / "step_00000002") is None
 
     (checkpoints / "disk-filler").unlink()
-    proc = run_cli("run", recipe, check=False)
+    proc = cli_here("run", recipe, check=False)
     assert f"resumed from {checkpoints / 'step_00000002'}" in proc.stderr
     assert (fs / "run" / "student" / "model" / "model.safetensors").is_file()
     assert (fs / "run" / "student" / "stage.json").is_file()

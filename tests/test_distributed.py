@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, losses_by_step, run_cli, tiny_recipe
+from conftest import ROOT, cli_here, losses_by_step, run_cli, tiny_recipe
 
 pytestmark = pytest.mark.distributed
 
@@ -110,16 +110,14 @@ def recipe(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(recipe):
     """One process, grad_accum=2: the same global batch (8 sequences) as 2 processes x 1."""
+    from distill.cli import main
+
     out = recipe.parent / "one_process"
-    # one thread like each launched process (torchrun sets it); on a busy 2-core machine the
-    # default thread count makes this run 3x slower
-    run_cli(
-        "run",
-        recipe,
-        "train.grad_accum=2",
-        f"output_dir={out}",
-        *NO_ZERO3_TEACHER,
-        env={"OMP_NUM_THREADS": "1"},
+    # in this process (one intra-op thread, as conftest sets and as torchrun sets for each
+    # launched process): a fresh process would only add ~3 s of imports
+    assert (
+        main(["run", str(recipe), "train.grad_accum=2", f"output_dir={out}", *NO_ZERO3_TEACHER])
+        == 0
     )
     return out
 
@@ -241,7 +239,7 @@ def test_non_finite_steps_are_skipped_under_zero3(tmp_path):
     recipe = tiny_recipe(tmp_path / "recipe.yaml", stages)
     fault = {"DISTILL_FAULT": "nan_at=2-3", "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
-    run_cli("run", recipe, "train.grad_accum=2", f"output_dir={one}", env=fault)
+    cli_here("run", recipe, "train.grad_accum=2", f"output_dir={one}", env=fault)
     proc = launch(CONFIGS["zero3"], recipe, f"output_dir={two}", env=fault)
     assert proc.stderr.count("skipping this optimizer step on every rank") == 2
     want, got = (losses_by_step(d / "base" / "metrics.jsonl") for d in (one, two))
@@ -283,7 +281,7 @@ def test_launch_config_and_recipe_disagree(tmp_path):
 
 
 def test_zero3_teacher_without_deepspeed_is_refused(recipe, tmp_path):
-    proc = run_cli("run", recipe, f"output_dir={tmp_path / 'run'}", check=False)
+    proc = cli_here("run", recipe, f"output_dir={tmp_path / 'run'}", check=False)
     assert proc.returncode == 2
     assert "`teacher.placement: zero3` needs a DeepSpeed launch" in proc.stderr
     assert "launch/zero3.yaml" in proc.stderr

@@ -8,7 +8,7 @@ import pytest
 
 from distill.compress.export import trained_grid_name
 
-from conftest import run_cli, tiny_causal_lm
+from conftest import cli_here, run_cli, tiny_causal_lm
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_export_and_verify(tmp_path, model_dir):
 def test_bad_options_exit_2_naming_the_choice(tmp_path, model_dir, args, message):
     import re
 
-    proc = run_cli("export", model_dir, *args, "--out", tmp_path / "out", check=False)
+    proc = cli_here("export", model_dir, *args, "--out", tmp_path / "out", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("distill: error: ")
     assert re.search(message, proc.stderr), proc.stderr
@@ -57,14 +57,16 @@ def test_unknown_architecture_and_unaligned_widths(tmp_path, ship_tokenizer):
         gpt2
     )
     ship_tokenizer.save_pretrained(gpt2)
-    proc = run_cli("export", gpt2, "--format", "gguf-q8_0", "--out", tmp_path / "o1", check=False)
+    proc = cli_here("export", gpt2, "--format", "gguf-q8_0", "--out", tmp_path / "o1", check=False)
     assert proc.returncode == 2
     assert "architecture GPT2LMHeadModel is not written here; supported: " in proc.stderr
 
     pruned = tmp_path / "pruned"  # a 25 % MLP prune of 352 channels leaves 264
     tiny_causal_lm("llama", ship_tokenizer, intermediate_size=264).save_pretrained(pruned)
     ship_tokenizer.save_pretrained(pruned)
-    proc = run_cli("export", pruned, "--format", "gguf-q4_0", "--out", tmp_path / "o2", check=False)
+    proc = cli_here(
+        "export", pruned, "--format", "gguf-q4_0", "--out", tmp_path / "o2", check=False
+    )
     assert proc.returncode == 2
     assert "rows of 264" in proc.stderr and "prune.multiple_of: 32" in proc.stderr
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

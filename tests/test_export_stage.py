@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import run_cli, tiny_recipe
+from conftest import cli_here, tiny_recipe
 
 STAGES = [
     {"name": "teacher", "kind": "train", "model": "teacher", "train": {"max_steps": 12}},
@@ -39,7 +39,7 @@ STAGES = [
 
 def test_exports_keep_the_qat_perplexity_through_each_runtime(tmp_path):
     recipe = tiny_recipe(tmp_path / "r.yaml", STAGES, eval={"latency": True, "latency_tokens": 4})
-    run_cli("run", recipe)
+    cli_here("run", recipe)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]
     by_name = {e["name"]: e for e in summary}
     assert by_name["qat-q4_0"]["scheme"] == "gguf-q4_0"
@@ -85,7 +85,7 @@ def test_schemes_a_target_cannot_hold_fail_the_check(tmp_path, quant, message):
     import re
 
     stages = [{"name": "ptq", "kind": "ptq", "model": "student", "quant": quant}]
-    proc = run_cli("check", tiny_recipe(tmp_path / "r.yaml", stages), check=False)
+    proc = cli_here("check", tiny_recipe(tmp_path / "r.yaml", stages), check=False)
     assert proc.returncode == 2
     assert re.search(message, proc.stderr), proc.stderr
 
@@ -96,8 +96,8 @@ def test_export_stage_formats_are_checked_at_load(tmp_path):
         {"name": "ship", "kind": "export", "model": "teacher", "formats": ["gguf-q5_k"]},
         {"name": "again", "kind": "train", "model": "ship"},
     ]
-    proc = run_cli("check", tiny_recipe(tmp_path / "r.yaml", stages), check=False)
+    proc = cli_here("check", tiny_recipe(tmp_path / "r.yaml", stages), check=False)
     assert proc.returncode == 2 and "unknown formats ['gguf-q5_k']" in proc.stderr
     stages[1]["formats"] = ["gguf-q4_0"]
-    proc = run_cli("check", tiny_recipe(tmp_path / "r.yaml", stages), check=False)
+    proc = cli_here("check", tiny_recipe(tmp_path / "r.yaml", stages), check=False)
     assert proc.returncode == 2 and "'ship' is an `export` stage" in proc.stderr

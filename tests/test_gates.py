@@ -11,7 +11,7 @@ from distill.config import GateSpec, MetricBound
 from distill.run.gates import check_gates, gate_failures
 from distill.run.results import StageResult
 
-from conftest import run_cli, tiny_recipe
+from conftest import cli_here, run_cli, tiny_recipe
 
 EVAL = {
     "batch_size": 8,
@@ -104,7 +104,7 @@ def test_holding_gate_exits_0_without_rerunning(failed_run):
         "lm_eval": {"stdlib_docstrings/acc": {"min": 0.0}},
     }
     tiny_recipe(path, STAGES, eval={**EVAL, "gates": [holding]})
-    proc = run_cli("run", path)
+    proc = cli_here("run", path)
     assert proc.returncode == 0
     for stage in ("teacher", "baseline", "distilled", "check"):
         assert f"stage {stage!r} already finished" in proc.stderr
@@ -154,7 +154,7 @@ def test_gate_checks_each_bound():
 
 def test_gate_naming_unknown_stage_is_a_recipe_error(tmp_path):
     path = tiny_recipe(tmp_path / "r.yaml", eval={"gates": [{"stage": "distiled"}]})
-    proc = run_cli("check", path, check=False)
+    proc = cli_here("check", path, check=False)
     assert proc.returncode == 2
     assert "eval.gates.0.stage: 'distiled' is not a stage" in proc.stderr
     assert "did you mean 'distilled'?" in proc.stderr

@@ -18,7 +18,7 @@ import pytest
 from distill.errors import OutputDirBusy
 from distill.run.lock import LOCK_FILE, RunLock
 
-from conftest import ROOT, run_cli, tiny_recipe
+from conftest import ROOT, cli_here, tiny_recipe
 
 HOLD = """
 import sys, time
@@ -104,7 +104,7 @@ def test_killing_the_launchers_group_leaves_no_worker_and_a_second_run_is_refuse
 
         holder = json.loads((tmp_path / "run" / LOCK_FILE).read_text())
         assert holder["pid"] in workers  # rank 0 holds it
-        second = run_cli("run", recipe, check=False)
+        second = cli_here("run", recipe, check=False)
         assert second.returncode == 2, second.stderr[-3000:]
         assert f"pid {holder['pid']} on host {socket.gethostname()!r}" in second.stderr
         assert "Traceback" not in second.stderr

@@ -4,7 +4,7 @@ projections trained, checkpointed, and left out of the exported student."""
 import pytest
 import torch
 
-from conftest import all_rows, run_cli, tiny_recipe
+from conftest import all_rows, cli_here, tiny_recipe
 
 ALL_TERMS = [
     {"kind": "forward_kl", "weight": 0.3, "temperature": 2.0},
@@ -37,7 +37,7 @@ def run(tmp_path_factory):
         },
     ]
     recipe = tiny_recipe(base / "recipe.yaml", stages)
-    run_cli("run", recipe)
+    cli_here("run", recipe)
     return base / "run"
 
 

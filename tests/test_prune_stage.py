@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli, tiny_recipe
+from conftest import cli_here, run_cli, tiny_recipe
 
 LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 RECOVERY_OBJECTIVE = {"ce_weight": 0.0, "terms": [{"kind": "forward_kl", "weight": 1.0}]}
@@ -71,7 +71,7 @@ STAGES = [
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("prune-stage")
     recipe = tiny_recipe(root / "recipe.yaml", STAGES)
-    proc = run_cli("run", recipe)
+    proc = cli_here("run", recipe)
     out = root / "run"
     entries = {e["name"]: e for e in json.loads((out / "summary.json").read_text())["stages"]}
     return out, entries, proc
@@ -185,7 +185,7 @@ def test_prune_stage_with_sizes_the_model_cannot_take_exits_2(tmp_path):
     recipe = tiny_recipe(
         tmp_path / "recipe.yaml", [{**stage, "prune": {"method": "width", "heads_fraction": 0.9}}]
     )
-    proc = run_cli("run", recipe, check=False)
+    proc = cli_here("run", recipe, check=False)
     assert proc.returncode == 2
     assert (
         "stage 'narrow': prune.heads_fraction=0.9 removes 2 of 2 key-value head groups, leaving "

@@ -10,7 +10,7 @@ import torch
 from distill.errors import RecipeError
 from distill.recipe_file import load_recipe
 
-from conftest import losses_by_step, run_cli, tiny_recipe
+from conftest import cli_here, losses_by_step, run_cli, tiny_recipe
 
 INT4 = {"bits": 4, "group_size": 32}
 QAT_TRAIN = {"max_steps": 5, "lr": 1e-3}
@@ -52,7 +52,7 @@ STAGES = [
 def run(tmp_path_factory):
     path = tiny_recipe(tmp_path_factory.mktemp("qat") / "recipe.yaml", STAGES)
     out = path.parent / "run"
-    run_cli("run", path)
+    cli_here("run", path)
     stages = {e["name"]: e for e in json.loads((out / "summary.json").read_text())["stages"]}
     return out, stages
 
@@ -137,7 +137,8 @@ def test_distill_eval_measures_stage_dirs_as_the_stages_did(run):
     out, stages = run
     paths = {"qat": out / "qat" / "model", "ship": out / "ship" / "export" / "ct-w4a16"}
     for name, path in paths.items():
-        proc = run_cli("eval", path, "--recipe", out.parent / "recipe.yaml")
+        command = run_cli if name == "qat" else cli_here  # one real `distill eval`, one in-process
+        proc = command("eval", path, "--recipe", out.parent / "recipe.yaml")
         result = json.loads(proc.stdout)
         assert result.get("scheme") == ("int4-g32-sym" if name == "qat" else None)
         assert result["perplexity"] == pytest.approx(stages[name]["eval"]["perplexity"], rel=1e-6)
@@ -182,7 +183,7 @@ def test_bad_scheme_in_recipe(tmp_path, quant, message):
 def test_group_size_that_does_not_fit_the_model_exits_2_naming_the_alternatives(tmp_path):
     # the tiny student's attention layers have 32 input columns: groups of 64 cannot tile them
     stages = [{"name": "ptq", "kind": "ptq", "model": "student", "quant": {"group_size": 64}}]
-    proc = run_cli("run", tiny_recipe(tmp_path / "recipe.yaml", stages), check=False)
+    proc = cli_here("run", tiny_recipe(tmp_path / "recipe.yaml", stages), check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "stage 'ptq' (quant): int4-g64-sym: group_size 64 does not divide in_features 32" in (
         proc.stderr

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import RECIPES, TINY, run_cli
+from conftest import RECIPES, TINY, cli_here, run_cli
 
 QUICKSTART = RECIPES / "quickstart.yaml"
 STEPS = [
@@ -85,7 +85,7 @@ def test_models_reload_with_transformers_and_generate(run_dir):
 def test_second_run_skips_finished_stages(run_dir):
     out, _ = run_dir
     before = (out / "summary.json").read_text()
-    proc = run_cli("run", QUICKSTART, *TINY, *STEPS, f"output_dir={out}")
+    proc = cli_here("run", QUICKSTART, *TINY, *STEPS, f"output_dir={out}")
     for stage in ("teacher", "baseline", "distilled"):
         assert f"stage {stage!r} already finished" in proc.stderr
     assert json.loads((out / "summary.json").read_text()) == json.loads(before)
@@ -97,7 +97,7 @@ def test_changed_setting_reruns_only_that_stage_and_later(run_dir, tmp_path):
     out, _ = run_dir
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    proc = run_cli(
+    proc = cli_here(
         "run",
         QUICKSTART,
         *TINY,
@@ -112,7 +112,7 @@ def test_changed_setting_reruns_only_that_stage_and_later(run_dir, tmp_path):
 
 
 def test_check_prints_resolved_recipe():
-    proc = run_cli("check", QUICKSTART, "stages.distilled.train.lr=1e-4")
+    proc = cli_here("check", QUICKSTART, "stages.distilled.train.lr=1e-4")
     assert "lr: 0.0001" in proc.stdout
     assert "recipe OK: 3 stages" in proc.stderr
 

@@ -8,7 +8,15 @@ import time
 
 import pytest
 
-from conftest import all_rows, losses_by_step, run_cli, same_weights, start_cli, tiny_recipe
+from conftest import (
+    all_rows,
+    cli_here,
+    losses_by_step,
+    run_cli,
+    same_weights,
+    start_cli,
+    tiny_recipe,
+)
 
 # 12 distill steps of 2 micro-batches of 4 blocks over ~70 training blocks: an epoch every ~9 steps.
 DISTILL = [
@@ -28,7 +36,7 @@ def reference(tmp_path_factory):
     """An uninterrupted run, and a copy of its finished teacher to start interrupted runs from."""
     base = tmp_path_factory.mktemp("resume")
     recipe = tiny_recipe(base / "recipe.yaml", DISTILL)
-    run_cli("run", recipe)
+    cli_here("run", recipe)
     return base
 
 
@@ -60,7 +68,7 @@ def test_sigkill_then_resume_is_bitwise_identical(reference, tmp_path, kill_at):
     killed = run_cli("run", recipe, env={"DISTILL_FAULT": f"kill_at_micro={kill_at}"}, check=False)
     assert killed.returncode == -signal.SIGKILL
     assert not (run / "distilled" / "stage.json").exists()  # not mistaken for a finished stage
-    resumed = run_cli("run", recipe)
+    resumed = cli_here("run", recipe)
     assert "resumed from" in resumed.stderr
     expected = losses_by_step(reference / "run" / "distilled" / "metrics.jsonl")
     got = losses_by_step(run / "distilled" / "metrics.jsonl")
@@ -84,7 +92,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(reference, tmp_path):
     proc.wait()
     assert any(p.name.startswith(".tmp-") for p in _ls(ckpts))
     assert not [p for p in _ls(ckpts) if p.name.startswith("step_")]
-    resumed = run_cli("run", recipe)
+    resumed = cli_here("run", recipe)
     assert "resumed from" not in resumed.stderr  # nothing whole to resume from: starts over
     assert not any(p.name.startswith(".tmp-") for p in _ls(ckpts))
     assert losses_by_step(run / "distilled" / "metrics.jsonl") == losses_by_step(
@@ -96,17 +104,27 @@ def _ls(path):
     return list(path.iterdir()) if path.is_dir() else []
 
 
-def _killed_after_step_8(reference, tmp_path):
-    run, recipe = fresh_run(reference, tmp_path)
+@pytest.fixture(scope="module")
+def killed_after_step_8(reference, tmp_path_factory):
+    """A run killed before step 9: checkpoints of steps 6 and 8 (each damage case gets a copy)."""
+    run, recipe = fresh_run(reference, tmp_path_factory.mktemp("killed"))
     run_cli("run", recipe, env={"DISTILL_FAULT": "kill_at_micro=9.0"}, check=False)
+    return run
+
+
+def _killed_after_step_8(killed, tmp_path):
+    run, recipe = fresh_run(killed.parent, tmp_path)  # the recipe, in this test's folder
+    shutil.copytree(killed / "distilled", run / "distilled")
     ckpts = sorted((run / "distilled" / "checkpoints").glob("step_*"))
     assert [p.name for p in ckpts][-2:] == ["step_00000006", "step_00000008"]
     return run, recipe, ckpts[-1]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte", "no_manifest", "delete_file"])
-def test_damaged_newest_checkpoint_falls_back_to_previous(reference, tmp_path, damage):
-    run, recipe, newest = _killed_after_step_8(reference, tmp_path)
+def test_damaged_newest_checkpoint_falls_back_to_previous(
+    reference, killed_after_step_8, tmp_path, damage
+):
+    run, recipe, newest = _killed_after_step_8(killed_after_step_8, tmp_path)
     manifest = json.loads((newest / "MANIFEST.json").read_text())["files"]
     victim = newest / max(manifest, key=lambda k: manifest[k]["size"])  # the largest file
     if damage == "truncate":
@@ -119,7 +137,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(reference, tmp_path, d
         (newest / "MANIFEST.json").unlink()
     else:
         victim.unlink()
-    resumed = run_cli("run", recipe)
+    resumed = cli_here("run", recipe)
     assert f"skipping checkpoint {newest}" in resumed.stderr
     assert "resumed from" in resumed.stderr and "step_00000006" in resumed.stderr
     assert losses_by_step(run / "distilled" / "metrics.jsonl") == losses_by_step(
@@ -129,7 +147,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(reference, tmp_path, d
 
 def test_disk_full_during_save_is_clear_and_keeps_previous(reference, tmp_path):
     run, recipe = fresh_run(reference, tmp_path)
-    proc = run_cli("run", recipe, env={"DISTILL_FAULT": "enospc_at_save=4"}, check=False)
+    proc = cli_here("run", recipe, env={"DISTILL_FAULT": "enospc_at_save=4"}, check=False)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     # the fault fails the real write (into /dev/full): torch.save raises its RuntimeError
@@ -139,7 +157,7 @@ def test_disk_full_during_save_is_clear_and_keeps_previous(reference, tmp_path):
     assert "step_00000002) is intact" in proc.stderr
     names = [p.name for p in (run / "distilled" / "checkpoints").iterdir()]
     assert names == ["step_00000002"]
-    resumed = run_cli("run", recipe)
+    resumed = cli_here("run", recipe)
     assert "resumed from" in resumed.stderr and "step_00000002" in resumed.stderr
 
 
@@ -150,7 +168,7 @@ def test_keep_last_deletes_only_after_commit(reference):
 
 def test_nan_steps_are_skipped_then_the_run_stops(reference, tmp_path):
     run, recipe = fresh_run(reference, tmp_path)
-    proc = run_cli("run", recipe, env={"DISTILL_FAULT": "nan_at=3"}, check=True)
+    proc = cli_here("run", recipe, env={"DISTILL_FAULT": "nan_at=3"})
     rows = [r for r in all_rows(run / "distilled" / "metrics.jsonl") if r.get("skipped")]
     assert [r["step"] for r in rows] == [4]  # step index 3 is logged as step 4
     assert "non-finite loss" in proc.stderr
@@ -158,7 +176,7 @@ def test_nan_steps_are_skipped_then_the_run_stops(reference, tmp_path):
     assert summary[-1]["skipped_steps"] == 1
 
     run2, recipe2 = fresh_run(reference, tmp_path / "again")
-    proc = run_cli("run", recipe2, env={"DISTILL_FAULT": "nan_at=3-11"}, check=False)
+    proc = cli_here("run", recipe2, env={"DISTILL_FAULT": "nan_at=3-11"}, check=False)
     assert proc.returncode == 1
     assert "5 consecutive steps with a non-finite loss" in proc.stderr
     assert "step_00000006" in proc.stderr  # where the last good checkpoint is
@@ -181,7 +199,7 @@ def test_sigterm_saves_and_exits_75_then_resumes(reference, tmp_path):
     stopped_at = max(steps_of(all_rows(metrics)))
     assert (run / "distilled" / "checkpoints" / f"step_{stopped_at:08d}").is_dir()
     assert stopped_at < 12
-    resumed = run_cli("run", recipe)
+    resumed = cli_here("run", recipe)
     assert f"at step {stopped_at}" in resumed.stderr
     assert losses_by_step(metrics) == losses_by_step(
         reference / "run" / "distilled" / "metrics.jsonl"

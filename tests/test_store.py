@@ -21,7 +21,7 @@ from distill.data.store import TokenStore
 from distill.errors import RecipeError
 from distill.recipe_file import load_recipe
 
-from conftest import ROOT, losses_by_step, run_cli, start_cli, tiny_recipe
+from conftest import ROOT, cli_here, losses_by_step, run_cli, start_cli, tiny_recipe
 
 TRAIN = [{"name": "student", "kind": "train", "model": "student", "train": {"max_steps": 8}}]
 
@@ -139,7 +139,7 @@ def test_an_interrupted_build_never_looks_complete(tmp_path):
     stopped = run_cli("data", path, env={"DISTILL_FAULT": "term_after_store_shard=3"}, check=False)
     assert stopped.returncode == 75 and "Traceback" not in stopped.stderr
     assert not (out / "data").exists() and not (out / "data.partial").exists()  # cleaned up
-    assert "token store" in run_cli("data", path).stdout
+    assert "token store" in cli_here("data", path).stdout
     _, whole = recipe_at(tmp_path, "b.yaml", str(tmp_path / "b"), shard_tokens=50)
     expected = TokenStore(prepare(whole).store_dir).manifest["splits"]
     assert TokenStore(out / "data").manifest["splits"] == expected
@@ -224,11 +224,11 @@ def test_training_resumes_bitwise_on_a_sharded_store(tmp_path):
             tmp_path / f"{name}.yaml", stages, data=raw, output_dir=str(tmp_path / name)
         )
 
-    run_cli("run", recipe("whole"))
+    cli_here("run", recipe("whole"))
     interrupted = recipe("resumed")
     killed = run_cli("run", interrupted, env={"DISTILL_FAULT": "kill_at_micro=5.0"}, check=False)
     assert killed.returncode == -signal.SIGKILL
-    assert "resumed from" in run_cli("run", interrupted).stderr
+    assert "resumed from" in cli_here("run", interrupted).stderr
     expected = losses_by_step(tmp_path / "whole" / "student" / "metrics.jsonl")
     assert losses_by_step(tmp_path / "resumed" / "student" / "metrics.jsonl") == expected
 

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import yaml
 
-from conftest import losses_by_step, run_cli, same_weights, tiny_recipe
+from conftest import cli_here, losses_by_step, run_cli, same_weights, tiny_recipe
 
 CACHE = {"k": 16, "tail_samples": 4, "hidden_layers": [1], "shard_blocks": 16, "blocks": 48}
 STAGES = [
@@ -41,7 +41,7 @@ STAGES = [
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     base = tmp_path_factory.mktemp("cache")
-    run_cli("run", tiny_recipe(base / "recipe.yaml", STAGES))
+    cli_here("run", tiny_recipe(base / "recipe.yaml", STAGES))
     return base
 
 
@@ -84,7 +84,7 @@ def test_killed_training_from_a_cache_resumes_bitwise(reference, tmp_path):
     shutil.copytree(reference / "run" / "tcache", run / "tcache")
     killed = run_cli("run", recipe, env={"DISTILL_FAULT": "kill_at_micro=3.1"}, check=False)
     assert killed.returncode < 0
-    assert "resumed from" in run_cli("run", recipe).stderr
+    assert "resumed from" in cli_here("run", recipe).stderr
     a, b = reference / "run" / "offline", run / "offline"
     assert losses_by_step(b / "metrics.jsonl") == losses_by_step(a / "metrics.jsonl")
     assert same_weights(a / "model", b / "model")
@@ -101,7 +101,7 @@ def test_interrupted_cache_write_resumes_at_the_last_whole_shard(reference, tmp_
         "shard-00000.json",
         "shard-00001.json",
     ]
-    resumed = run_cli("cache-teacher", recipe)
+    resumed = cli_here("cache-teacher", recipe)
     assert "resuming after 2 whole shards" in resumed.stderr
     manifest = json.loads((cache / "MANIFEST.json").read_text())
     expected = json.loads((reference / "run/tcache/cache/MANIFEST.json").read_text())
@@ -138,20 +138,22 @@ def test_mismatches_and_corruption_are_clear_errors(reference, tmp_path):
     recipe = _recipe_in(tmp_path / "a", _reader(cache))
     shutil.copytree(reference / "run" / "tokenizer", tmp_path / "a" / "run" / "tokenizer")
     shutil.copytree(reference / "run" / "data", tmp_path / "a" / "run" / "data")
-    _expect_error(run_cli("run", recipe, "data.seq_len=16", check=False), "seq_len: cache 32", "16")
     _expect_error(
-        run_cli("run", recipe, "tokenizer.train.vocab_size=300", check=False),
+        cli_here("run", recipe, "data.seq_len=16", check=False), "seq_len: cache 32", "16"
+    )
+    _expect_error(
+        cli_here("run", recipe, "tokenizer.train.vocab_size=300", check=False),
         "tokenizer: cache",
         "vocab_size: cache 320, stage 'reader' 300",
     )
     _expect_error(
-        run_cli("run", recipe, "stages.reader.train.max_steps=20", check=False),
+        cli_here("run", recipe, "stages.reader.train.max_steps=20", check=False),
         "visit",
         "raise the cache stage's `cache.blocks`",
     )
     logit_mse = _recipe_in(tmp_path / "b", _reader(cache, terms=[{"kind": "logit_mse"}]))
     _expect_error(
-        run_cli("run", logit_mse, check=False), "logit_mse needs the teacher's full logits"
+        cli_here("run", logit_mse, check=False), "logit_mse needs the teacher's full logits"
     )
     broken = tmp_path / "broken"
     shutil.copytree(cache, broken)
@@ -160,9 +162,9 @@ def test_mismatches_and_corruption_are_clear_errors(reference, tmp_path):
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     corrupt = _recipe_in(tmp_path / "c", _reader(broken))
-    _expect_error(run_cli("run", corrupt, check=False), f"shard {shard} is corrupt")
+    _expect_error(cli_here("run", corrupt, check=False), f"shard {shard} is corrupt")
     _expect_error(
-        run_cli("run", _recipe_in(tmp_path / "d", _reader(tmp_path)), check=False),
+        cli_here("run", _recipe_in(tmp_path / "d", _reader(tmp_path)), check=False),
         "is not a finished teacher cache",
     )
 
@@ -189,10 +191,10 @@ def test_two_processes_write_and_read_their_own_rows(reference, tmp_path):
 
 def test_recipe_validation_of_cache_references(tmp_path):
     bad = [*STAGES[:1], {**STAGES[2], "teacher": {"cache": "teacher"}}]
-    proc = run_cli("check", tiny_recipe(tmp_path / "r.yaml", bad), check=False)
+    proc = cli_here("check", tiny_recipe(tmp_path / "r.yaml", bad), check=False)
     _expect_error(proc, "'teacher' is a `train` stage, not a `cache-teacher` stage")
     both = [*STAGES[:2], {**STAGES[2], "teacher": {"cache": "tcache", "model": "teacher"}}]
-    proc = run_cli("check", tiny_recipe(tmp_path / "s.yaml", both), check=False)
+    proc = cli_here("check", tiny_recipe(tmp_path / "s.yaml", both), check=False)
     _expect_error(proc, "give exactly one of `model`")
     raw = yaml.safe_load(tiny_recipe(tmp_path / "t.yaml", STAGES[:2]).read_text())
     assert raw["stages"][1]["kind"] == "cache-teacher"
@@ -201,7 +203,7 @@ def test_recipe_validation_of_cache_references(tmp_path):
 def test_bench_measures_cache_online_and_ce_only_in_one_run(reference, tmp_path):
     out = tmp_path / "bench.json"
     recipe = reference / "recipe.yaml"
-    proc = run_cli("bench", recipe, "--stage", "offline", "--steps", "1", "--warmup", "0",
+    proc = cli_here("bench", recipe, "--stage", "offline", "--steps", "1", "--warmup", "0",
                    "--json", out)  # fmt: skip
     assert "cache tokens/s:" in proc.stdout
     result = json.loads(out.read_text())
