@@ -105,7 +105,8 @@ def bench_path(
     notes: list[str],
     acc,
 ) -> tuple[PathResult, StepShapes]:
-    """Build fresh models (same seed), warm up, time `steps` steps, then measure memory.
+    """Build fresh models (same seed), warm up, time `steps` steps, then measure memory: one path
+    alone on the device (CUDA: its allocator peak is that path's own).
 
     Returns the result (MFU left to the caller, who knows the FLOPs) and the step's shapes.
     """
@@ -113,40 +114,83 @@ def bench_path(
     step = build_train_step(recipe, stage, path, device, notes)
     shapes = step_shapes(step)
     _free_memory(device)  # building in float32 then casting leaves garbage that is not the step's
-    # CUDA: the allocator's peak over the steps, from the weights up. CPU: see below.
+    # CUDA: the allocator's peak over the steps, from the weights up. CPU: see _path_result.
     with PeakMemory(device) if device.type == "cuda" else nullcontext() as cuda_peak:
         times, step_losses = [], []
         for index in range(warmup + steps):
-            _sync(device)
-            t0 = time.perf_counter()
-            step_losses.append(run_train_step(step, acc))
-            _sync(device)
+            seconds, loss = _timed_step(step, acc, device)
+            step_losses.append(loss)
             if index >= warmup:
-                times.append(time.perf_counter() - t0)
+                times.append(seconds)
+    result = _path_result(recipe, stage, step, times, step_losses[0], cuda_peak, device, acc)
+    del step
+    _free_memory(device)
+    return result, shapes
+
+
+def bench_paths_interleaved(
+    recipe: Recipe,
+    stage,
+    paths: tuple[str, ...],
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    notes: list[str],
+    acc,
+) -> dict[str, tuple[PathResult, StepShapes]]:
+    """Every path built at once and timed in rounds, one step of each per round (the first path
+    of a round rotating): on a CPU shared with other processes, timed one after the other, the
+    same step measured up to 25 % faster or slower by when it ran (the quickstart's cache step:
+    0.77x to 1.09x the CE-only step), while alternating steps see the same machine. Memory is
+    measured per path afterwards (tracked tensors, as alone)."""
+    built = {path: build_train_step(recipe, stage, path, device, notes) for path in paths}
+    _free_memory(device)
+    times: dict[str, list[float]] = {path: [] for path in paths}
+    first_loss: dict[str, float] = {}
+    for index in range(warmup + steps):
+        for offset in range(len(paths)):
+            path = paths[(index + offset) % len(paths)]
+            seconds, loss = _timed_step(built[path], acc, device)
+            first_loss.setdefault(path, loss)
+            if index >= warmup:
+                times[path].append(seconds)
+    out = {}
+    for path, step in built.items():
+        result = _path_result(recipe, stage, step, times[path], first_loss[path], None, device, acc)
+        out[path] = (result, step_shapes(step))
+    return out
+
+
+def _timed_step(step, acc, device: torch.device) -> tuple[float, float]:
+    _sync(device)
+    t0 = time.perf_counter()
+    loss = run_train_step(step, acc)
+    _sync(device)
+    return time.perf_counter() - t0, float(loss)
+
+
+def _path_result(recipe, stage, step, times, first_loss, cuda_peak, device, acc) -> PathResult:
+    """The timings as a result, with the step's memory: CUDA, the allocator's peak over the timed
+    steps; CPU, one more step with its tensors tracked, on top of weights and optimizer state."""
     if cuda_peak is not None:
         peak_bytes = cuda_peak.peak_bytes
-    else:  # one more step with its tensors tracked, on top of weights and optimizer state
+    else:
         held = tensor_bytes(step.module, step.teacher, step.optimizer, *step.batches)
         with PeakMemory(device, base_bytes=held) as cpu_peak:
             run_train_step(step, acc)
         peak_bytes = cpu_peak.peak_bytes
-    loss_peak = loss_only_peak_bytes(step, device)
-    del step
-    _free_memory(device)
-
     seconds = statistics.median(times)
     tokens = recipe.data.seq_len * stage.train.batch_size * stage.train.grad_accum
-    result = PathResult(
+    return PathResult(
         ms_per_step=seconds * 1e3,
         tokens_per_s=tokens / seconds,
         mfu=None,
         mfu_spec=None,
         peak_memory_bytes=int(peak_bytes),
-        loss_peak_memory_bytes=int(loss_peak),
-        loss_first_step=float(step_losses[0]),
+        loss_peak_memory_bytes=int(loss_only_peak_bytes(step, device)),
+        loss_first_step=first_loss,
         ms_per_step_all=[t * 1e3 for t in times],
     )
-    return result, shapes
 
 
 def _free_memory(device: torch.device) -> None:
@@ -202,12 +246,17 @@ def run_bench(
     acc = make_accelerator(spec.grad_accum)  # the loop's step runs under an accelerator
     results: dict[str, PathResult] = {}
     path_flops, path_shapes = {}, {}
-    for path in paths:
-        log(f"path {path}: {warmup} warm-up + {steps} measured steps of {tokens:,} tokens...")
-        results[path], path_shapes[path] = bench_path(
-            recipe, stage, path, device, steps, warmup, notes, acc
-        )
-        path_flops[path] = _flops_per_token(path_shapes[path], seq_len)
+    if device.type == "cpu" and len(paths) > 1:
+        log(f"paths {', '.join(paths)}: {warmup} warm-up + {steps} measured rounds, alternating")
+        measured = bench_paths_interleaved(recipe, stage, paths, device, steps, warmup, notes, acc)
+    else:  # alone on the device, one after the other (a CUDA peak is then the path's own)
+        measured = {}
+        for path in paths:
+            log(f"path {path}: {warmup} warm-up + {steps} measured steps of {tokens:,} tokens...")
+            measured[path] = bench_path(recipe, stage, path, device, steps, warmup, notes, acc)
+    for path, (result, shapes) in measured.items():
+        results[path], path_shapes[path] = result, shapes
+        path_flops[path] = _flops_per_token(shapes, seq_len)
     # the shapes reported: those of the path that runs a teacher, if one does
     shapes = max(path_shapes.values(), key=lambda s: s.teacher is not None)
     for path, result in results.items():
