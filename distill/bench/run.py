@@ -161,6 +161,20 @@ def bench_paths_interleaved(
     return out
 
 
+def _measure_paths(recipe, stage, paths, device, steps, warmup, notes, acc, log) -> dict:
+    """Every path's (result, shapes): on CPU in alternating rounds, else one after the other,
+    each alone on the device (a CUDA peak is then the path's own)."""
+    if device.type == "cpu" and len(paths) > 1:
+        log(f"paths {', '.join(paths)}: {warmup} warm-up + {steps} measured rounds, alternating")
+        return bench_paths_interleaved(recipe, stage, paths, device, steps, warmup, notes, acc)
+    tokens = recipe.data.seq_len * stage.train.batch_size * stage.train.grad_accum
+    measured = {}
+    for path in paths:
+        log(f"path {path}: {warmup} warm-up + {steps} measured steps of {tokens:,} tokens...")
+        measured[path] = bench_path(recipe, stage, path, device, steps, warmup, notes, acc)
+    return measured
+
+
 def _timed_step(step, acc, device: torch.device) -> tuple[float, float]:
     _sync(device)
     t0 = time.perf_counter()
@@ -246,14 +260,7 @@ def run_bench(
     acc = make_accelerator(spec.grad_accum)  # the loop's step runs under an accelerator
     results: dict[str, PathResult] = {}
     path_flops, path_shapes = {}, {}
-    if device.type == "cpu" and len(paths) > 1:
-        log(f"paths {', '.join(paths)}: {warmup} warm-up + {steps} measured rounds, alternating")
-        measured = bench_paths_interleaved(recipe, stage, paths, device, steps, warmup, notes, acc)
-    else:  # alone on the device, one after the other (a CUDA peak is then the path's own)
-        measured = {}
-        for path in paths:
-            log(f"path {path}: {warmup} warm-up + {steps} measured steps of {tokens:,} tokens...")
-            measured[path] = bench_path(recipe, stage, path, device, steps, warmup, notes, acc)
+    measured = _measure_paths(recipe, stage, paths, device, steps, warmup, notes, acc, log)
     for path, (result, shapes) in measured.items():
         results[path], path_shapes[path] = result, shapes
         path_flops[path] = _flops_per_token(shapes, seq_len)
